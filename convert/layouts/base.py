@@ -1,0 +1,45 @@
+"""What a model layout is: the mapping from a checkpoint's logical weights to the tensors mlx_lm sees."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from fmtconv.formats.base import SourceGroup
+
+
+@dataclass(frozen=True)
+class TargetTensor:
+    """One tensor of the output bundle, named as mlx_lm's model looks it up after sanitize()."""
+
+    name: str  # e.g. "model.layers.0.mlp.switch_mlp.gate_proj.weight"
+    sources: tuple[SourceGroup, ...]  # more than one: stacked along a new leading axis, in order
+    # Slice (start, stop, step) along axis -2 of each source before stacking (gpt-oss gate/up de-interleave).
+    rows: tuple[int | None, int | None, int | None] | None = None
+    # Whole-tensor transform on decoded dense values (forces decode; for small tensors only).
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
+    # True when the runtime module holding this weight has `to_quantized` (Linear, Embedding, SwitchLinear).
+    quantizable: bool = False
+
+    @property
+    def module(self) -> str:
+        """The module path the runtime uses for per-module quantization overrides."""
+        return self.name.rsplit(".", 1)[0]
+
+
+class ModelLayout:
+    """Per model family: checkpoint names -> post-sanitize names (experts stacked), and config rewriting."""
+
+    family: ClassVar[str] = "generic"
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
+        """The output tensors, and the checkpoint names of weights deliberately dropped (e.g. MTP layers)."""
+        raise NotImplementedError
+
+    def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The source config adjusted for the runtime (quantization blocks are the converter's job)."""
+        return dict(config)

@@ -1,0 +1,72 @@
+"""The shared surface of every codec: the exact intermediate, stored-part groups, the codec base class."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+
+@dataclass
+class Exact:
+    """A block of rows of one logical weight, holding exactly the values the source encodes.
+
+    `values` is float32 where the source's products are exact in it (FP4/FP8 x E8M0, dense
+    bf16/f16/f32) and float64 where they are not (FP8 x an arbitrary float32 scale).
+    Shape: (rows, last_dim) for a row block, or the logical shape for a whole tensor.
+    """
+
+    values: np.ndarray
+    compute_dtype: np.dtype
+    codec: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to(self, dtype: np.dtype | None = None) -> np.ndarray:
+        """Round once, to nearest-even, to `dtype` (default: the compute dtype)."""
+        from fmtconv.formats.rounding import round_to_dtype
+
+        return round_to_dtype(self.values, np.dtype(dtype or self.compute_dtype))
+
+
+@dataclass(frozen=True)
+class SourceGroup:
+    """The stored parts of one logical weight in a source checkpoint, and the codec that reads them."""
+
+    name: str  # logical name in the checkpoint, e.g. "layers.0.ffn.experts.3.w1.weight"
+    codec: str  # registered codec name
+    parts: Mapping[str, str]  # role -> stored tensor name, e.g. {"weight": ..., "scale": ...}
+    shape: tuple[int, ...]  # logical (decoded) shape
+    params: Mapping[str, Any] = field(default_factory=dict)  # codec parameters (block size, bits, ...)
+
+    @property
+    def rows(self) -> int:
+        """Rows of the logical tensor flattened over every axis but the last."""
+        n = 1
+        for d in self.shape[:-1]:
+            n *= d
+        return n
+
+
+class Codec(ABC):
+    """One stored format: which parts it needs, how to decode them exactly, how to encode."""
+
+    name: ClassVar[str]
+    roles: ClassVar[tuple[str, ...]]  # part roles, e.g. ("weight", "scale")
+
+    @abstractmethod
+    def decode(
+        self,
+        parts: Mapping[str, np.ndarray],
+        group: SourceGroup,
+        *,
+        compute_dtype: np.dtype,
+        rows: tuple[int, int] | None = None,
+    ) -> Exact:
+        """Decode rows [start, stop) of the flattened logical tensor (all rows when None)."""
+
+    @abstractmethod
+    def encode(self, values: Exact | np.ndarray, **params: Any) -> dict[str, np.ndarray]:
+        """Encode values (last axis = input dim) into this format's stored parts, by role."""
