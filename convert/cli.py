@@ -51,6 +51,112 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGTIB")
+    unit = t[len(num):]
+    if unit not in units:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 5GB, 500MB)")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (e.g. 5GB, 500MB)") from None
+
+
+def _recipe_for(args: argparse.Namespace):
+    from fmtconv.convert.recipes import load_recipe, source_recipe
+
+    if getattr(args, "recipe", None):
+        return load_recipe(args.recipe)
+    if args.command == "mxfp4-to-affine":
+        return source_recipe(args.bits, args.group_size, ("mxfp4",), f"mxfp4-to-affine-{args.bits}bit-g{args.group_size}")
+    if args.command == "fp8-to-affine":
+        return source_recipe(args.bits, args.group_size, ("fp8_block",), f"fp8-to-affine-{args.bits}bit-g{args.group_size}")
+    return load_recipe("q4q8")
+
+
+def _plan_from_args(args: argparse.Namespace):
+    from fmtconv.convert.api import plan
+
+    return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
+                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size)
+
+
+def _print_plan(p, console) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family}, {p.compute_dtype}")
+    for col in ("module pattern", "mode", "bits", "group", "dtype", "route", "count", "params", "bytes"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("bits", "group", "count", "params", "bytes") else "left")
+    for r in p.table():
+        quant = r["mode"] != "dense"
+        table.add_row(r["pattern"], r["mode"], str(r["bits"]) if quant else "-", str(r["group_size"]) if quant else "-",
+                      r["dtype"], r["route"], str(r["count"]), f"{r['params']:,}", _human(r["bytes"]))
+    console.print(table)
+    console.print(f"total {_human(p.total_bytes)} in {len(p.shards)} shard(s) from {_human(p.source_bytes)}; "
+                  f"{p.total_params:,} parameters, {p.bits_per_weight:.3f} bits per weight")
+    for label, n in sorted(p.bit_distribution().items()):
+        console.print(f"  {label:18s} {n / max(p.total_params, 1):7.2%} of parameters")
+    if p.dropped:
+        console.print(f"dropped {len(p.dropped)} source weight(s), e.g. {p.dropped[0]}")
+    for w in p.warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    p = _plan_from_args(args)
+    if args.json:
+        print(json.dumps(p.to_json(), indent=2))
+    else:
+        _print_plan(p, _console())
+    return 0
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from fmtconv.convert.api import convert
+
+    recipe = _recipe_for(args)
+    if args.command in ("mxfp4-to-affine", "fp8-to-affine") and not args.recipe:
+        codec = "mxfp4" if args.command == "mxfp4-to-affine" else "fp8_block"
+        p = _plan_from_args(args)
+        if not any(t.source_codec == codec for t in p.tensors):
+            raise FmtconvError(f"no {codec} tensors found; use `fmtconv convert --recipe` for this checkpoint", file=args.src)
+    result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
+                     rounding=args.rounding, family=args.family, overwrite=args.overwrite, quiet=args.quiet or args.json,
+                     workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not args.quiet:
+        console = _console()
+        console.print(f"wrote {result['output']}: {result['tensors']} tensors in {result['shards']} shard(s), "
+                      f"{_human(result['bytes_in'])} in -> {_human(result['bytes_out'])} out, "
+                      f"{result['bits_per_weight']:.3f} bits per weight, {result['wall_s']:.1f} s "
+                      f"({(result['params_per_s'] or 0) / 1e6:.1f} Mparam/s)")
+        for w in result["warnings"]:
+            console.print(f"[yellow]warning:[/yellow] {w}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
+    p.add_argument("src", help="source checkpoint directory")
+    if with_out:
+        p.add_argument("out", help="output directory (written via OUT.partial, renamed when complete)")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype (default: config's torch_dtype)")
+    p.add_argument("--kernel-backend", default="metal", choices=["metal", "cuda", "cpu"],
+                   help="whose affine arithmetic to reproduce: metal (what mlx_lm.convert writes on a Mac, default) or cpu")
+    p.add_argument("--rounding", default="mlx-lm", choices=["mlx-lm", "exact"],
+                   help="FP8 x float32 scale: round as mlx_lm's sanitize does (default) or once, exactly")
+    p.add_argument("--family", help="model layout family (default: from config model_type)")
+    p.add_argument("--max-shard-size", type=_parse_size, default="5GiB", help="shard size cap (default 5GiB, as mlx_lm)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    if with_out:
+        p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+        p.add_argument("--quiet", action="store_true", help="no progress display")
+        p.add_argument("--workers", type=int, help="threads (default: all cores)")
+        p.add_argument("--keep-source-card", action="store_true", help="copy the source README.md instead of writing a model card")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fmtconv", description="Convert quantized LLM checkpoints into MLX bundles.")
     parser.add_argument("--version", action="version", version=f"fmtconv {__version__}")
@@ -60,7 +166,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint directory or .safetensors file")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_inspect)
+
+    for name, help_text, default_bits in (
+        ("mxfp4-to-affine", "MXFP4 tensors -> MLX affine at --bits; FP8/dense linear layers 8-bit; small tensors kept", 4),
+        ("fp8-to-affine", "FP8-block tensors -> MLX affine at --bits; other linear layers 8-bit; small tensors kept", 8),
+    ):
+        p = sub.add_parser(name, help=help_text)
+        _add_common(p, with_out=True)
+        p.add_argument("--bits", type=int, default=default_bits, choices=[2, 3, 4, 5, 6, 8])
+        p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+        p.add_argument("--recipe", help="preset name or recipe file (overrides --bits/--group-size)")
+        p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("convert", help="any source format to any target, by recipe")
+    _add_common(p, with_out=True)
+    p.add_argument("--recipe", required=True, help="preset name or recipe file (TOML or JSON)")
+    p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser("plan", help="print what a conversion would write, before writing anything")
+    _add_common(p, with_out=False)
+    p.add_argument("--recipe", default="q4q8", help="preset name or recipe file")
+    p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("recipes", help="list the preset recipes")
+    p.set_defaults(func=_cmd_recipes)
     return parser
+
+
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from fmtconv.convert.recipes import describe_presets
+
+    for name, desc in describe_presets().items():
+        print(f"{name:16s} {desc}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

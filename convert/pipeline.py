@@ -1,0 +1,432 @@
+"""Executes a plan: row blocks stream through decode -> encode into preallocated shards.
+
+Memory stays bounded: sources are read through mmap one row block at a time (pages released
+after use), results land at their offsets with pwrite, and at most a few blocks are in flight.
+Work goes into `OUT.partial/`; a manifest records finished shards with their SHA-256 so a
+re-run resumes; `OUT.partial` becomes `OUT` only once index, config and side files are complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fmtconv import __version__
+from fmtconv.convert.plan import (
+    CAST,
+    COMPUTE_DTYPES,
+    EXACT_AFFINE,
+    PASSTHROUGH,
+    REPACK,
+    REQUANT,
+    Plan,
+    PlannedTensor,
+)
+from fmtconv.errors import FmtconvError
+from fmtconv.formats.safetensors_io import INDEX_NAME, Checkpoint, PreallocatedSafetensorsWriter, write_index
+
+# Elements of one row block; a few blocks are in flight per worker (each costs ~10-20 bytes/element).
+BLOCK_ELEMENTS = 1 << 22
+MANIFEST = "fmtconv-manifest.json"
+LOCK = ".fmtconv.lock"
+# Files of a source that the bundle must not carry over: weights, rewritten config, FP quant metadata.
+_NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json"}
+
+
+@dataclass
+class Job:
+    """Rows [start, stop) of source `src` (flattened to 2-D) of one planned tensor, landing at output row `out_row`."""
+
+    tensor: PlannedTensor
+    src: int
+    start: int
+    stop: int
+    out_row: int
+
+
+def _row_slice(pt: PlannedTensor) -> slice | None:
+    return None if pt.target.rows is None else slice(*pt.target.rows)
+
+
+def iter_jobs(pt: PlannedTensor) -> Iterator[Job]:
+    """Row blocks of every source of a planned tensor, with the output row each lands at."""
+    t = pt.target
+    g0 = t.sources[0]
+    last = g0.shape[-1]
+    sel = _row_slice(pt)
+    if t.transform is not None:  # whole-tensor transform: one job per source
+        out_per_src = int(np.prod(pt.shape[:-1])) // len(t.sources)
+        for k, g in enumerate(t.sources):
+            yield Job(pt, k, 0, g.rows, k * out_per_src)
+        return
+    if sel is None:
+        step_rows = max(128, (BLOCK_ELEMENTS // max(last, 1)) // 128 * 128)
+        out_per_src = g0.rows
+    else:  # blocks of whole matrices along axis -2, so the strided selection stays inside a block
+        mat = g0.shape[-2]
+        n_sel = len(range(*sel.indices(mat)))
+        step_rows = mat * max(1, BLOCK_ELEMENTS // max(mat * last, 1))
+        out_per_src = (g0.rows // mat) * n_sel
+    for k, g in enumerate(t.sources):
+        for a in range(0, g.rows, step_rows):
+            b = min(g.rows, a + step_rows)
+            out = k * out_per_src + (a if sel is None else (a // g0.shape[-2]) * len(range(*sel.indices(g0.shape[-2]))))
+            yield Job(pt, k, a, b, out)
+
+
+def _select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:
+    sel = _row_slice(pt)
+    if sel is None:
+        return a
+    mat = pt.target.sources[0].shape[-2]
+    return a.reshape(-1, mat, a.shape[-1])[:, sel, :].reshape(-1, a.shape[-1])
+
+
+class Converter:
+    """Runs one plan into OUT (via OUT.partial), resumable, on `workers` threads."""
+
+    def __init__(self, plan: Plan, out: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None):
+        self.plan = plan
+        self.out = Path(out)
+        self.partial = self.out.with_name(self.out.name + ".partial")
+        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.progress = progress
+        self._lock_fd: int | None = None
+        self._codecs: dict[str, Any] = {}
+        self._done_bytes = 0
+        self._done_lock = threading.Lock()
+
+    # ---- codecs and kernels -------------------------------------------------------------------
+    def _codec(self, name: str):
+        if name not in self._codecs:
+            from fmtconv.formats import get_codec
+
+            self._codecs[name] = get_codec(name)
+        return self._codecs[name]
+
+    def _values(self, pt: PlannedTensor, parts: dict[str, np.ndarray], k: int, rows: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        """Decoded rows rounded to `dtype` by the route's rounding rule."""
+        from fmtconv.formats.rounding import round_to_dtype
+
+        g = pt.target.sources[k]
+        exact = self._codec(g.codec).decode(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[self.plan.compute_dtype]), rows=rows)
+        v = exact.values
+        if self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and v.dtype == np.float64:
+            # mlx_lm's deepseek_v3 sanitize: bf16(fp8) * float32 scale_inv in float32, cast to bfloat16;
+            # mlx_lm.convert then casts to the model dtype. Follow it so bundles match mlx_lm.convert.
+            v = round_to_dtype(round_to_dtype(v, np.dtype(np.float32)), COMPUTE_DTYPES["bfloat16"])
+            return round_to_dtype(v.astype(np.float32), dtype)
+        return exact.to(dtype)
+
+    def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
+        """Output part arrays (by output tensor name) for one job's rows."""
+        from fmtconv import kernels_ref
+
+        g = pt.target.sources[job.src]
+        rows = (job.start, job.stop)
+        last = g.shape[-1]
+        module = pt.target.module
+        if pt.route == PASSTHROUGH:
+            raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
+            return {pt.target.name: _select_rows(raw, pt)}
+        if pt.route == REPACK:
+            rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=rows)
+            return {f"{module}.weight": _select_rows(rep["weight"], pt), f"{module}.scales": _select_rows(rep["scales"], pt)}
+        if pt.route == EXACT_AFFINE:
+            rep = self._codec(g.codec).to_exact_affine(parts, g, dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
+            return {f"{module}.{r}": _select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
+        dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
+        v = self._values(pt, parts, job.src, rows, dtype).reshape(-1, last)
+        if pt.target.transform is not None:
+            v = pt.target.transform(v.reshape(g.shape))
+            v = np.ascontiguousarray(v).reshape(-1, v.shape[-1])
+        v = _select_rows(v, pt)
+        if pt.route == CAST:
+            return {pt.target.name: v}
+        assert pt.route == REQUANT
+        if pt.mode == "affine":
+            wq, s, b = kernels_ref.affine_quantize(v, pt.group_size, pt.bits, backend=self.plan.kernel_backend)
+            return {f"{module}.weight": wq, f"{module}.scales": s, f"{module}.biases": b}
+        wq, s = kernels_ref.fp_quantize(v, pt.mode)[:2]
+        return {f"{module}.weight": wq, f"{module}.scales": s}
+
+    # ---- one shard -----------------------------------------------------------------------------
+    def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, PreallocatedSafetensorsWriter]) -> int:
+        pt = job.tensor
+        g = pt.target.sources[job.src]
+        parts = {role: ck.array(name) for role, name in g.parts.items()}
+        try:
+            outs = self._encode(pt, parts, job)
+        except FmtconvError:
+            raise
+        except (ValueError, TypeError, IndexError, FloatingPointError) as e:
+            raise FmtconvError(f"cannot convert ({type(e).__name__}: {e})", file=ck.info(next(iter(g.parts.values()))).file, tensor=g.name) from e
+        finally:
+            del parts
+            for name in g.parts.values():
+                ck.release(name)
+        written = 0
+        for spec in pt.parts:
+            arr = outs[spec.name]
+            total_rows = int(np.prod(spec.shape[:-1])) if len(spec.shape) > 1 else 1
+            row_bytes = spec.nbytes // max(total_rows, 1)
+            data = np.ascontiguousarray(arr)
+            writers[spec.name].write_at(spec.name, job.out_row * row_bytes, data)
+            written += data.nbytes
+        return written
+
+    def _write_shard(self, ck: Checkpoint, index: int, fname: str) -> str:
+        specs = self.plan.shards[index]
+        names = {s.name for s in specs}
+        tensors = [pt for pt in self.plan.tensors if any(p.name in names for p in pt.parts)]
+        writer = PreallocatedSafetensorsWriter(self.partial / fname, specs, {"format": "mlx"})
+        writers = {s.name: writer for s in specs}
+        try:
+            with cf.ThreadPoolExecutor(self.workers) as pool:
+                pending: set[cf.Future] = set()
+                for pt in tensors:
+                    for job in iter_jobs(pt):
+                        pending.add(pool.submit(self._run_job, ck, job, writers))
+                        if len(pending) >= 2 * self.workers:
+                            pending = self._drain(pending, cf.FIRST_COMPLETED)
+                self._drain(pending, cf.ALL_COMPLETED)
+            path = writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        self._check_source_unchanged()
+        return _sha256(path)
+
+    def _drain(self, pending: set[cf.Future], how: str) -> set[cf.Future]:
+        done, rest = cf.wait(pending, return_when=how)
+        for f in done:
+            if f.exception() is not None:
+                for r in rest:
+                    r.cancel()
+                raise f.exception()  # type: ignore[misc]
+            with self._done_lock:
+                self._done_bytes += f.result()
+                if self.progress:
+                    self.progress(self._done_bytes, self.plan.total_bytes)
+        return rest
+
+    def _check_source_unchanged(self) -> None:
+        for name, (size, mtime) in self.plan.source_files.items():
+            p = self.plan.source / name
+            try:
+                st = p.stat()
+            except OSError:
+                raise FmtconvError("source file disappeared during the conversion", file=p) from None
+            if (st.st_size, st.st_mtime_ns) != (size, mtime):
+                raise FmtconvError("source file changed during the conversion (size or mtime); stopping", file=p)
+
+    # ---- the whole run -------------------------------------------------------------------------
+    def run(self, *, overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        check_out_path(self.plan.source, self.out, overwrite)
+        self.partial.mkdir(parents=True, exist_ok=True)
+        self._acquire_lock()
+        try:
+            manifest = self._load_manifest()
+            check_disk_space(self.partial, self.plan.total_bytes - sum(
+                (self.partial / f).stat().st_size for f in manifest["shards"] if (self.partial / f).exists()))
+            self._done_bytes = sum(
+                sum(s.nbytes for s in self.plan.shards[i]) for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"])
+            with Checkpoint(self.plan.source) as ck:
+                for i, fname in enumerate(self.plan.shard_files):
+                    if fname in manifest["shards"]:
+                        continue
+                    digest = self._write_shard(ck, i, fname)
+                    manifest["shards"][fname] = digest
+                    self._save_manifest(manifest)
+            self._finish(extra_files)
+        finally:
+            self._release_lock()
+        if self.out.exists():
+            if not overwrite:
+                raise FmtconvError("output appeared during the conversion; not replacing it without --overwrite", file=self.out)
+            old = self.out.with_name(self.out.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(self.out, old)
+            os.replace(self.partial, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.partial, self.out)
+        wall = time.perf_counter() - t0
+        return summary(self.plan, self.out, wall)
+
+    def _finish(self, extra_files: Callable[[Path], None] | None) -> None:
+        (self.partial / MANIFEST).unlink(missing_ok=True)
+        write_index(self.partial, self.plan.weight_map(), self.plan.total_bytes)
+        copy_side_files(self.plan.source, self.partial)
+        config = output_config(self.plan)
+        tmp = self.partial / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=4) + "\n")
+        os.replace(tmp, self.partial / "config.json")
+        if extra_files is not None:
+            extra_files(self.partial)
+
+    def _load_manifest(self) -> dict[str, Any]:
+        fingerprint = self.plan.fingerprint()
+        path = self.partial / MANIFEST
+        fresh = {"fmtconv": __version__, "plan": fingerprint, "shards": {}}
+        if not path.exists():
+            for stale in self.partial.iterdir():
+                if stale.name != LOCK:
+                    _remove(stale)
+            return fresh
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            m = {}
+        if m.get("plan") != fingerprint:  # different work: start over
+            for stale in self.partial.iterdir():
+                if stale.name != LOCK:
+                    _remove(stale)
+            return fresh
+        good = {}
+        for fname, digest in m.get("shards", {}).items():
+            p = self.partial / fname
+            if p.exists() and _sha256(p) == digest:
+                good[fname] = digest
+        for stale in self.partial.iterdir():  # unfinished shards (*.tmp) and anything unrecorded
+            if stale.name not in good and stale.name not in (MANIFEST, LOCK):
+                _remove(stale)
+        m["shards"] = good
+        return m
+
+    def _save_manifest(self, m: dict[str, Any]) -> None:
+        tmp = self.partial / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(m, indent=2))
+        os.replace(tmp, self.partial / MANIFEST)
+
+    def _acquire_lock(self) -> None:
+        fd = os.open(self.partial / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise FmtconvError("another fmtconv conversion is writing into this output (lock held); refusing to interleave",
+                               file=self.partial) from None
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                (self.partial / LOCK).unlink(missing_ok=True)
+            except OSError:
+                pass
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_out_path(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse OUT equal to or inside SRC (or SRC inside OUT), and an existing OUT without overwrite."""
+    s, o = Path(src).resolve(), Path(out).resolve()
+    if o == s or s in o.parents:
+        raise FmtconvError("output must not be the source directory or inside it", file=out)
+    if o in s.parents:
+        raise FmtconvError("output must not contain the source directory", file=out)
+    if o.exists() and not overwrite:
+        raise FmtconvError("output exists; pass --overwrite to replace it", file=out)
+
+
+def check_disk_space(where: Path, needed: int, margin: float = 1.05) -> None:
+    free = shutil.disk_usage(where).free
+    if needed * margin > free:
+        raise FmtconvError(f"needs about {needed * margin / 1e9:.2f} GB of free disk but {free / 1e9:.2f} GB is free", file=where)
+
+
+def copy_side_files(src: Path, dst: Path) -> list[str]:
+    """Copy every non-weight file and folder of the source (tokenizer, chat template, licence, ...)."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.name.startswith(".") or p.name in _NOT_COPIED or p.suffix == ".safetensors":
+            continue
+        if p.name == "README.md":
+            continue  # the bundle gets its own model card
+        target = dst / p.name
+        try:
+            if p.is_dir():
+                shutil.copytree(p, target, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(p, target)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise FmtconvError("disk full while copying side files", file=target) from None
+            raise
+        copied.append(p.name)
+    return copied
+
+
+def output_config(plan: Plan) -> dict[str, Any]:
+    """The source config for the runtime: MLX quantization blocks in, the source's FP8/FP4 block out."""
+    config = plan.layout.output_config(dict(plan.config))
+    for key in ("quantization_config", "quantization", "compression_config"):
+        config.pop(key, None)
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        text.pop("quantization_config", None)
+    q = plan.quantization()
+    if q:
+        config["quantization"] = q
+        config["quantization_config"] = q
+    for key in ("torch_dtype", "dtype"):
+        if key in config:
+            config[key] = plan.compute_dtype
+    config["fmtconv"] = {
+        "version": __version__,
+        "source": str(plan.source),
+        "recipe": plan.recipe.name,
+        "recipe_rules": plan.recipe.model_dump(mode="json")["rules"],
+        "kernel_backend": plan.kernel_backend,
+        "rounding": plan.rounding,
+    }
+    return config
+
+
+def summary(plan: Plan, out: Path, wall: float) -> dict[str, Any]:
+    params = plan.total_params
+    return {
+        "output": str(out),
+        "tensors": len(plan.tensors),
+        "shards": len(plan.shards),
+        "bytes_in": plan.source_bytes,
+        "bytes_out": plan.total_bytes,
+        "params": params,
+        "bits_per_weight": round(plan.bits_per_weight, 4),
+        "wall_s": round(wall, 3),
+        "params_per_s": round(params / wall, 1) if wall > 0 else None,
+        "mb_per_s_in": round(plan.source_bytes / 1e6 / wall, 2) if wall > 0 else None,
+        "dropped": len(plan.dropped),
+        "warnings": plan.warnings,
+    }

@@ -1,0 +1,331 @@
+"""The conversion plan: every output tensor with its route, target, output parts and shard.
+
+Built from the source index, config, layout and recipe before anything is written; `fmtconv plan`
+prints it, the pipeline executes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from fmtconv import __version__
+from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
+from fmtconv.convert.recipes import FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
+from fmtconv.errors import FmtconvError
+from fmtconv.formats.safetensors_io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, shard_names
+
+COMPUTE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
+_ST_NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Source codecs whose stored tensors are plain floats (a passthrough is a byte copy).
+_DENSE_CODEC = "dense"
+
+# Routes, cheapest first.
+DROP, PASSTHROUGH, CAST, REPACK, EXACT_AFFINE, REQUANT = "drop", "passthrough", "cast", "repack", "exact-affine", "requant"
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor (or quantized module): where it comes from, what it becomes, how."""
+
+    target: TargetTensor
+    route: str
+    mode: str  # affine | mxfp4 | mxfp8 | nvfp4 | dense
+    bits: int | None
+    group_size: int | None
+    dtype: str  # compute / output float dtype name
+    source_codec: str
+    shape: tuple[int, ...]  # logical shape of the output weight
+    parts: list[TensorSpec] = field(default_factory=list)
+    rule: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def quantized(self) -> bool:
+        return self.mode in QUANT_MODES
+
+
+@dataclass
+class Plan:
+    source: Path
+    config: dict[str, Any]
+    compute_dtype: str
+    kernel_backend: str
+    rounding: str
+    recipe: Recipe
+    layout: ModelLayout
+    tensors: list[PlannedTensor]
+    dropped: list[str]
+    warnings: list[str]
+    shards: list[list[TensorSpec]]
+    source_files: dict[str, tuple[int, int]]  # file name -> (size, mtime_ns), to detect changes
+    source_bytes: int
+
+    @property
+    def shard_files(self) -> list[str]:
+        return shard_names(len(self.shards))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def total_params(self) -> int:
+        return sum(t.params for t in self.tensors if t.route != DROP)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Bytes on disk x 8 / parameters, as mlx_lm's compute_bits_per_weight counts them."""
+        return self.total_bytes * 8 / max(self.total_params, 1)
+
+    def weight_map(self) -> dict[str, str]:
+        names = self.shard_files
+        return {spec.name: names[i] for i, shard in enumerate(self.shards) for spec in shard}
+
+    def quantization(self) -> dict[str, Any]:
+        """mlx_lm's `quantization` block: the most common (group, bits, mode) as default, per-module overrides."""
+        quant = [t for t in self.tensors if t.quantized]
+        if not quant:
+            return {}
+        key = lambda t: (t.group_size, t.bits, t.mode)  # noqa: E731
+        (g, b, m), _ = Counter(key(t) for t in quant).most_common(1)[0]
+        q: dict[str, Any] = {"group_size": g, "bits": b, "mode": m}
+        for t in quant:
+            if key(t) != (g, b, m):
+                q[t.target.module] = {"group_size": t.group_size, "bits": t.bits, "mode": t.mode}
+        return q
+
+    def fingerprint(self) -> str:
+        """Identifies the work: same source, recipe, dtype and backend give the same hash (for resume)."""
+        h = hashlib.sha256()
+        h.update(json.dumps([__version__, self.compute_dtype, self.kernel_backend, self.rounding, self.recipe.model_dump(mode="json")], sort_keys=True).encode())
+        h.update(json.dumps(sorted(self.source_files.items())).encode())
+        for t in self.tensors:
+            h.update(json.dumps([t.target.name, t.route, t.mode, t.bits, t.group_size, t.dtype, [(p.name, p.dtype, p.shape) for p in t.parts]]).encode())
+        return h.hexdigest()
+
+    def table(self) -> list[dict[str, Any]]:
+        """Per module pattern (layer index -> {i}): mode, bits, group size, route, count, bytes."""
+        rows: dict[tuple, dict[str, Any]] = {}
+        for t in self.tensors:
+            if t.route == DROP:
+                continue
+            pattern = re.sub(r"(?<=\.)\d+(?=\.)", "{i}", t.target.name)
+            k = (pattern, t.mode, t.bits, t.group_size, t.dtype if not t.quantized else "", t.route)
+            r = rows.setdefault(k, {"pattern": pattern, "mode": t.mode, "bits": t.bits, "group_size": t.group_size,
+                                    "dtype": t.dtype, "route": t.route, "count": 0, "params": 0, "bytes": 0})
+            r["count"] += 1
+            r["params"] += t.params
+            r["bytes"] += t.nbytes
+        return list(rows.values())
+
+    def bit_distribution(self) -> dict[str, int]:
+        """Parameters per bit width ('16' for bfloat16 kept tensors, etc.)."""
+        dist: dict[str, int] = defaultdict(int)
+        for t in self.tensors:
+            if t.route == DROP:
+                continue
+            label = f"{t.bits}-bit {t.mode}" if t.quantized else f"{t.dtype}"
+            dist[label] += t.params
+        return dict(dist)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": str(self.source),
+            "recipe": self.recipe.name,
+            "layout": self.layout.family,
+            "compute_dtype": self.compute_dtype,
+            "kernel_backend": self.kernel_backend,
+            "rounding": self.rounding,
+            "tensors": [
+                {"name": t.target.name, "module": t.target.module, "route": t.route, "mode": t.mode, "bits": t.bits,
+                 "group_size": t.group_size, "dtype": t.dtype, "source_codec": t.source_codec, "shape": list(t.shape),
+                 "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule}
+                for t in self.tensors
+            ],
+            "table": self.table(),
+            "dropped": self.dropped,
+            "warnings": self.warnings,
+            "shards": len(self.shards),
+            "total_bytes": self.total_bytes,
+            "source_bytes": self.source_bytes,
+            "total_params": self.total_params,
+            "bits_per_weight": round(self.bits_per_weight, 4),
+            "bit_distribution": self.bit_distribution(),
+            "quantization": self.quantization(),
+        }
+
+
+def read_config(src: Path) -> dict[str, Any]:
+    path = src / "config.json"
+    if not path.is_file():
+        raise FmtconvError("config.json is missing; the plan needs the model_type and dtype it declares", file=path)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FmtconvError(f"not valid JSON ({e})", file=path) from None
+    if not isinstance(config, dict):
+        raise FmtconvError("must hold a JSON object", file=path)
+    if "model_type" not in config:
+        raise FmtconvError("has no 'model_type'; the converter needs it to choose the model layout", file=path)
+    return config
+
+
+def compute_dtype_of(config: dict[str, Any], override: str | None) -> str:
+    """--dtype, else config's torch_dtype / dtype (top level or text_config), else bfloat16."""
+    if override:
+        if override not in COMPUTE_DTYPES:
+            raise FmtconvError(f"--dtype {override!r} is not one of {', '.join(COMPUTE_DTYPES)}")
+        return override
+    for c in (config, config.get("text_config") or {}):
+        for key in ("torch_dtype", "dtype"):
+            v = c.get(key)
+            if isinstance(v, str) and v in COMPUTE_DTYPES:
+                return v
+    return "bfloat16"
+
+
+def num_layers_of(config: dict[str, Any]) -> int:
+    for c in (config, config.get("text_config") or {}):
+        for key in ("num_hidden_layers", "n_layers", "num_layers"):
+            if isinstance(c.get(key), int):
+                return c[key]
+    return 0
+
+
+def target_shape(t: TargetTensor) -> tuple[int, ...]:
+    """Logical shape of a target: sources (rows-sliced along axis -2) stacked on a new axis when several."""
+    src = t.sources[0]
+    shape = list(src.shape)
+    if t.rows is not None:
+        shape[-2] = len(range(*slice(*t.rows).indices(shape[-2])))
+    if t.transform is not None:
+        probe = np.zeros(tuple(shape), dtype=np.float32)
+        shape = list(t.transform(probe).shape)
+    if len(t.sources) > 1:
+        shape = [len(t.sources)] + shape
+    return tuple(shape)
+
+
+def _parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+    lead, last = shape[:-1], shape[-1]
+    words = last * bits // 32
+    if mode == "affine":
+        st = _ST_NAME[dtype]
+        return [TensorSpec(f"{module}.weight", "U32", (*lead, words)), TensorSpec(f"{module}.scales", st, (*lead, last // group)),
+                TensorSpec(f"{module}.biases", st, (*lead, last // group))]
+    # MLX fp modes: uint32 words and uint8 (E8M0 / E4M3) scales, no biases (mlx/ops.cpp, quantize).
+    return [TensorSpec(f"{module}.weight", "U32", (*lead, words)), TensorSpec(f"{module}.scales", "U8", (*lead, last // group))]
+
+
+def build_plan(
+    src: str | Path,
+    recipe: Recipe,
+    *,
+    compute_dtype: str | None = None,
+    kernel_backend: str = "metal",
+    rounding: str = "mlx-lm",
+    family: str | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Plan:
+    """Plan a conversion without writing anything."""
+    from fmtconv.formats.grouping import find_groups
+
+    src = Path(src)
+    if kernel_backend not in ("metal", "cuda", "cpu"):
+        raise FmtconvError(f"--kernel-backend {kernel_backend!r} is not one of metal, cuda, cpu")
+    if rounding not in ("mlx-lm", "exact"):
+        raise FmtconvError(f"--rounding {rounding!r} is not one of mlx-lm, exact")
+    if not src.is_dir():
+        raise FmtconvError("source must be a checkpoint directory", file=src)
+    config = read_config(src)
+    dtype = compute_dtype_of(config, compute_dtype)
+    layout = layout_for(config, family)
+    with Checkpoint(src) as ck:
+        groups = find_groups(ck.tensors, config)
+        source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
+        source_bytes = sum(i.nbytes for i in ck.tensors.values())
+    targets, dropped = layout.targets(groups, config)
+    n_layers = num_layers_of(config)
+    warnings: list[str] = []
+    planned: list[PlannedTensor] = []
+    for t in targets:
+        planned.append(_plan_one(t, recipe, dtype, n_layers, warnings))
+    for pattern in recipe.unused_rules(t.target.module for t in planned):
+        warnings.append(f"recipe rule match {pattern!r} selects no module")
+    kept = [p for p in planned if p.route != DROP]
+    dropped = list(dropped) + [s.name for p in planned if p.route == DROP for s in p.target.sources]
+    specs = [spec for p in kept for spec in p.parts]
+    seen: set[str] = set()
+    for s in specs:
+        if s.name in seen:
+            raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
+        seen.add(s.name)
+    # Shard by planned tensor so a module's weight, scales and biases share a shard (cap as mlx_lm's make_shards).
+    shards: list[list[TensorSpec]] = []
+    size = 0
+    for p in kept:
+        if not p.parts:
+            continue
+        if not shards or size + p.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].extend(p.parts)
+        size += p.nbytes
+    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes)
+
+
+def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str]) -> PlannedTensor:
+    codecs = {s.codec for s in t.sources}
+    if len(codecs) != 1:
+        raise FmtconvError(f"stacked sources mix codecs {sorted(codecs)}", tensor=t.name)
+    codec = codecs.pop()
+    shape = target_shape(t)
+    module = t.module
+    quantizable = t.quantizable and t.name.endswith(".weight")
+    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers)
+    rule_desc = "" if rule is None else f"{rule.mode} (match {rule.match!r}{', layers ' + rule.layers if rule.layers else ''})"
+    if rule is not None and rule.mode == "drop":
+        return PlannedTensor(t, DROP, "dense", None, None, dtype, codec, shape, [], rule_desc)
+    if rule is None or rule.mode in ("keep", "dense"):
+        out = rule.dtype if rule is not None and rule.mode == "dense" else dtype
+        src_dtype = t.sources[0].params.get("dtype") if codec == _DENSE_CODEC else None
+        route = PASSTHROUGH if (codec == _DENSE_CODEC and src_dtype == _ST_NAME[out] and t.transform is None) else CAST
+        return PlannedTensor(t, route, "dense", None, None, out, codec, shape, [TensorSpec(t.name, _ST_NAME[out], shape)], rule_desc or "keep")
+    bits, group = rule.bits, rule.group_size
+    if shape[-1] % group:
+        if rule.on_indivisible == "keep":
+            warnings.append(f"{module}: input dim {shape[-1]} is not divisible by group size {group}; kept in {dtype}")
+            return PlannedTensor(t, CAST, "dense", None, None, dtype, codec, shape, [TensorSpec(t.name, _ST_NAME[dtype], shape)], "keep (indivisible)")
+        raise FmtconvError(f"input dimension {shape[-1]} is not divisible by group size {group} (rule match {rule.match!r}); "
+                           "set on_indivisible = \"keep\" in the rule to keep such tensors dense", tensor=t.name)
+    if isinstance(rule, AffineRule) and rule.exact:
+        if codec != "mxfp4" or (bits, group) != (5, 32) or t.transform is not None:
+            raise FmtconvError(f"the exact affine route needs an MXFP4 source and bits 5, group_size 32; this tensor is {codec} "
+                               f"with bits {bits}, group_size {group}", tensor=t.name)
+        route = EXACT_AFFINE
+    elif rule.mode == "mxfp4" and codec == "mxfp4" and t.transform is None:
+        route = REPACK
+    else:
+        route = REQUANT
+    return PlannedTensor(t, route, rule.mode, bits, group, dtype, codec, shape,
+                         _parts_for(t.name, module, rule.mode, bits, group, dtype, shape), rule_desc)
+
+
+__all__ = ["Plan", "PlannedTensor", "build_plan", "read_config", "compute_dtype_of", "COMPUTE_DTYPES", "FP_MODE_PARAMS",
+           "DROP", "PASSTHROUGH", "CAST", "REPACK", "EXACT_AFFINE", "REQUANT"]
