@@ -1,0 +1,140 @@
+"""Element tables and scalar conversions for E2M1 (FP4), E4M3 (FP8) and E8M0 (scale) codes.
+
+Every function is vectorised over NumPy arrays.  Where MLX deviates from the OCP
+Microscaling (MX) v1.0 spec, the MLX behaviour is what fmtconv must reproduce
+and the deviation is named in the docstring (``like_mlx`` flag).
+"""
+
+from __future__ import annotations
+
+import ml_dtypes
+import numpy as np
+
+from .rounding import round_half_away
+
+# OCP MX v1.0 sec. 5.3.3 / MLX mlx/backend/cpu/quantized.cpp FP4_LUT: code = sign(1)|exp(2)|mant(1).
+E2M1_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    dtype=np.float32,
+)
+E2M1_MAX = 6.0  # MLX mlx/backend/metal/kernels/fp4.h F4E2M1_MAX
+E4M3_MAX = 448.0  # MLX mlx/backend/metal/kernels/fp4.h F8E4M3_MAX
+
+# Decision thresholds of MLX's E2M1 encoder (metal/kernels/fp4.h fp4_e2m1::fp4_e2m1,
+# cpu/quantized.cpp to_fp4_e2m1): |x| > t picks the next code for the "strict" midpoints
+# (ties go down to the even code) and |x| >= t for the others (ties go up to the even code).
+# Net effect: round to nearest, ties to even mantissa, saturating at 6.
+_E2M1_MIDPOINTS = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0], dtype=np.float32)
+
+
+def e2m1_decode(codes: np.ndarray) -> np.ndarray:
+    """FP4 codes (low 4 bits of each uint8) -> float32 values (OCP MX E2M1 table)."""
+    return E2M1_VALUES[np.asarray(codes, dtype=np.uint8) & 0x0F]
+
+
+def e2m1_encode(x: np.ndarray) -> np.ndarray:
+    """float -> FP4 codes, as MLX's GPU kernels do (metal/kernels/fp4.h fp4_e2m1, cpu to_fp4_e2m1).
+
+    Round to nearest with ties to the even code, saturate to +-6, keep the sign of
+    zero (-0.1 -> 0x8), NaN -> 0x7.  (MLX's CPU `mx.quantize` fallback in mlx/ops.cpp
+    fp_quantize instead takes the argmin over the table; see fp.py.)
+    """
+    x = np.asarray(x, dtype=np.float32)
+    a = np.abs(x)
+    # Codes 1..7 switch at the midpoints; ties go to the even code (0,2,4,6 are even mantissas).
+    # A tie at midpoint k (between codes k and k+1) rounds up exactly when k+1 is even.
+    code = np.zeros(a.shape, dtype=np.uint8)
+    for k, m in enumerate(_E2M1_MIDPOINTS):
+        code += (a >= m) if (k + 1) % 2 == 0 else (a > m)
+    code |= np.signbit(x).astype(np.uint8) << 3
+    code[np.isnan(x)] = 0x7
+    return code
+
+
+def unpack_fp4(packed: np.ndarray) -> np.ndarray:
+    """uint8 bytes (..., n) -> FP4 codes (..., 2n); the low nibble holds the even (first) element.
+
+    Source: MLX metal/kernels/fp_quantized.h fp_quantize (`output |= next << 4` at even index)
+    and mlx/ops.cpp fp_dequantize (idx_lo then idx_hi); OCP MX packs likewise.
+    """
+    p = np.asarray(packed).view(np.uint8)
+    out = np.empty(p.shape[:-1] + (p.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = p & 0x0F
+    out[..., 1::2] = p >> 4
+    return out
+
+
+def pack_fp4(codes: np.ndarray) -> np.ndarray:
+    """FP4 codes (..., 2n) -> uint8 bytes (..., n), the even element in the low nibble."""
+    c = np.asarray(codes, dtype=np.uint8)
+    if c.shape[-1] % 2:
+        raise ValueError(f"pack_fp4 needs an even last dimension, got shape {c.shape}")
+    return ((c[..., 0::2] & 0x0F) | ((c[..., 1::2] & 0x0F) << 4)).astype(np.uint8)
+
+
+def e4m3_decode(codes: np.ndarray) -> np.ndarray:
+    """E4M3 (fn: finite, no inf) codes -> float32; 0x7F/0xFF are NaN (OCP MX / ml_dtypes float8_e4m3fn).
+
+    MLX 0.32.4 agrees on CPU and Metal (cpu/unary_ops.h FromFP8, metal/kernels/fp8.h fp8_e4m3
+    set the half exponent to all-ones for 0x7F); older MLX Metal read 0x7F as 480.
+    """
+    return np.asarray(codes, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+
+
+def e4m3_encode(x: np.ndarray) -> np.ndarray:
+    """float -> E4M3 codes as MLX's ToFP8 (cpu/unary_ops.h ToFP8, metal/kernels/fp8.h fp8_e4m3).
+
+    Round to nearest even (ml_dtypes float8_e4m3fn does this exactly) but saturating:
+    |x| >= 448, +-inf and NaN all become 0x7E with the sign bit of x.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    sign = np.signbit(x).astype(np.uint8) << 7
+    big = ~(np.abs(x) < E4M3_MAX)  # also true for NaN
+    safe = np.where(big, np.float32(0), x)
+    out = safe.astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    out = np.where(big, np.uint8(0x7E) | sign, out | sign)
+    return out.astype(np.uint8)
+
+
+def e8m0_decode(codes: np.ndarray, *, like_mlx: bool = False) -> np.ndarray:
+    """E8M0 scale codes -> float32 2^(code-127); code 255 is NaN (OCP MX v1.0 sec. 5.4.1).
+
+    Code 0 is 2^-127, a float32 subnormal.  like_mlx=True: MLX's fp8_e8m0 -> float
+    (metal/kernels/fp8.h) and the CPU fallback (2^(code-127)) give +inf for code 255.
+    """
+    c = np.asarray(codes, dtype=np.uint8)
+    bits = c.astype(np.uint32) << 23
+    bits = np.where(c == 0, np.uint32(0x400000), bits)
+    out = bits.view(np.float32)
+    if not like_mlx:
+        out = np.where(c == 255, np.float32(np.nan), out)
+    return out.astype(np.float32)
+
+
+def ceil_log2(x: np.ndarray) -> np.ndarray:
+    """Exact smallest integer k with 2^k >= x for finite x > 0 (from the float's bits, no log2)."""
+    m, e = np.frexp(np.asarray(x, dtype=np.float32))
+    return np.where(m == 0.5, e - 1, e).astype(np.int32)
+
+
+def e8m0_encode(x: np.ndarray, *, rounding: str = "up") -> np.ndarray:
+    """Positive float scale -> E8M0 code as MLX's GPU kernels compute it.
+
+    rounding="up" (MLX 0.32.4 metal/kernels/fp8.h mx_scale_round_up, used by fp_quantize; CUDA
+    rounds up the same way): the smallest 2^k >= x, k clamped to [-127, 127]; zero -> 0.
+    rounding="nearest" (metal/kernels/fp8.h fp8_e8m0 constructor alone):
+    clamp(round_half_away(log2(x)), -127, 127).  Both: non-finite -> 255, negative -> 0.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if rounding == "up":
+            n = np.where(x > 0, ceil_log2(np.where(x > 0, x, np.float32(1))), -127).astype(np.float32)
+        elif rounding == "nearest":
+            n = round_half_away(np.log2(x))
+        else:
+            raise ValueError(f"rounding must be 'up' or 'nearest', got {rounding!r}")
+    n = np.clip(np.nan_to_num(n, nan=0.0, neginf=-127.0, posinf=127.0), -127, 127)
+    out = (n + 127).astype(np.uint8)
+    out = np.where(x < 0, np.uint8(0), out)
+    out = np.where(~np.isfinite(x), np.uint8(255), out)
+    return out.astype(np.uint8)
