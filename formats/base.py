@@ -23,12 +23,20 @@ class Exact:
     compute_dtype: np.dtype
     codec: str
     params: dict[str, Any] = field(default_factory=dict)
+    # The source's own codes and scales, kept where the values alone do not determine them
+    # (MLX affine 8-bit in bfloat16: two codes of a group can dequantize to the same value).
+    factored: dict[str, np.ndarray] | None = None
 
-    def to(self, dtype: np.dtype | None = None) -> np.ndarray:
-        """Round once, to nearest-even, to `dtype` (default: the compute dtype)."""
-        from fmtconv.formats.rounding import round_to_dtype
+    def to(self, dtype: np.dtype | None = None, *, like_mlx_lm: bool = False) -> np.ndarray:
+        """Round once, to nearest-even, to `dtype` (default: the compute dtype).
 
-        return round_to_dtype(self.values, np.dtype(dtype or self.compute_dtype))
+        like_mlx_lm=True: round to float32 first, then to `dtype`, as mlx_lm's sanitize()
+        does when it multiplies FP8 by a float32 scale (see formats/rounding.py).
+        """
+        from fmtconv.formats.rounding import round_like_mlx_lm, round_to_dtype
+
+        target = np.dtype(dtype or self.compute_dtype)
+        return round_like_mlx_lm(self.values, target) if like_mlx_lm else round_to_dtype(self.values, target)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,16 @@ class Codec(ABC):
 
     name: ClassVar[str]
     roles: ClassVar[tuple[str, ...]]  # part roles, e.g. ("weight", "scale")
+    # Grouping asks codecs in ascending priority; the first to claim a tensor owns it.
+    priority: ClassVar[int] = 50
+
+    @classmethod
+    def recognise(cls, tensors: Mapping[str, Any], config: Mapping[str, Any]) -> list[SourceGroup]:
+        """Groups of this format among `tensors` (name -> TensorInfo); the format facts live here.
+
+        Raise FmtconvError when parts are found but do not fit together (shape, dtype).
+        """
+        return []
 
     @abstractmethod
     def decode(
@@ -70,3 +88,20 @@ class Codec(ABC):
     @abstractmethod
     def encode(self, values: Exact | np.ndarray, **params: Any) -> dict[str, np.ndarray]:
         """Encode values (last axis = input dim) into this format's stored parts, by role."""
+
+
+def row_range(rows: tuple[int, int] | None, total: int, name: str | None = None) -> tuple[int, int]:
+    """Validate `rows` against a tensor of `total` flattened rows; None means all rows."""
+    from fmtconv.errors import FmtconvError
+
+    if rows is None:
+        return 0, total
+    start, stop = int(rows[0]), int(rows[1])
+    if not 0 <= start <= stop <= total:
+        raise FmtconvError(f"rows {rows} outside the tensor's {total} rows", tensor=name)
+    return start, stop
+
+
+def values_of(values: "Exact | np.ndarray") -> np.ndarray:
+    """The plain array behind an Exact or an array."""
+    return values.values if isinstance(values, Exact) else np.asarray(values)

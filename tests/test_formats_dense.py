@@ -1,0 +1,62 @@
+"""Rounding to the compute dtype (single nearest-even vs mlx_lm's float32 path) and the dense codec."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fmtconv.errors import FmtconvError
+from fmtconv.formats import SourceGroup, get_codec
+from fmtconv.formats.rounding import round_like_mlx_lm, round_to_dtype
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def nearest_even_bf16(x: float) -> int:
+    """Reference: the bfloat16 bits nearest to x by exact rational distance, ties to the even significand."""
+    b = int(np.array([x]).astype(np.float32).astype(BF16).view(np.uint16)[0])
+    cands = {b, (b + 1) & 0xFFFF, (b - 1) & 0xFFFF}
+    best = None
+    for c in cands:
+        v = float(np.array([c], np.uint16).view(BF16).astype(np.float64)[0])
+        if not np.isfinite(v):
+            continue
+        key = (abs(Fraction(v) - Fraction(x)), c & 1)
+        if best is None or key < best[0]:
+            best = (key, c)
+    return best[1]
+
+
+def test_ml_dtypes_float64_to_bfloat16_rounds_twice_and_we_do_not():
+    x = np.array([1 + 2**-8 + 2**-30])  # above the midpoint 1 + 2^-8, which float32 rounds onto
+    assert x.astype(BF16).astype(np.float64)[0] == 1.0  # ml_dtypes: via float32, twice
+    assert round_to_dtype(x, BF16).astype(np.float64)[0] == 1 + 2**-7
+    assert round_like_mlx_lm(x, BF16).astype(np.float64)[0] == 1.0  # mlx_lm's float32-first path
+    assert round_to_dtype(np.array([1 + 2**-11 + 2**-40]), np.float16)[0] == np.float16(1 + 2**-10)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=-1e30, max_value=1e30, allow_nan=False, allow_infinity=False) | st.floats(min_value=-1e-38, max_value=1e-38))
+def test_round_to_bfloat16_is_one_nearest_even_rounding(x):
+    got = int(round_to_dtype(np.array([x]), BF16).view(np.uint16)[0])
+    want = nearest_even_bf16(x)
+    assert got == want or (got & 0x7FFF) == (want & 0x7FFF) == 0
+
+
+def test_dense_decode_encode():
+    codec = get_codec("dense")
+    w = np.random.default_rng(0).standard_normal((6, 10)).astype(BF16)
+    g = SourceGroup("m.weight", "dense", {"weight": "m.weight"}, (6, 10), {"dtype": "BF16"})
+    exact = codec.decode({"weight": w}, g, compute_dtype=BF16)
+    assert exact.values.dtype == np.float32 and codec.encode(exact)["weight"].tobytes() == w.tobytes()
+    assert np.array_equal(codec.decode({"weight": w}, g, compute_dtype=BF16, rows=(1, 3)).values, exact.values[1:3])
+    assert codec.encode(exact, dtype="F16")["weight"].dtype == np.float16
+    with pytest.raises(FmtconvError, match="not a float"):
+        codec.decode({"weight": np.zeros(3, np.int32)}, SourceGroup("ids", "dense", {}, (3,), {"dtype": "I32"}), compute_dtype=BF16)
+    with pytest.raises(FmtconvError, match="rows"):
+        codec.decode({"weight": w}, g, compute_dtype=BF16, rows=(4, 9))
