@@ -260,12 +260,13 @@ def build_plan(
         groups = find_groups(ck.tensors, config)
         source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
         source_bytes = sum(i.nbytes for i in ck.tensors.values())
+        stored = {name: info.dtype for name, info in ck.tensors.items()}
     targets, dropped = layout.targets(groups, config)
     n_layers = num_layers_of(config)
     warnings: list[str] = []
     planned: list[PlannedTensor] = []
     for t in targets:
-        planned.append(_plan_one(t, recipe, dtype, n_layers, warnings))
+        planned.append(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored))
     for pattern in recipe.unused_rules(t.target.module for t in planned):
         warnings.append(f"recipe rule match {pattern!r} selects no module")
     kept = [p for p in planned if p.route != DROP]
@@ -290,7 +291,8 @@ def build_plan(
     return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes)
 
 
-def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str]) -> PlannedTensor:
+def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str], layout: ModelLayout,
+              stored: dict[str, str]) -> PlannedTensor:
     codecs = {s.codec for s in t.sources}
     if len(codecs) != 1:
         raise FmtconvError(f"stacked sources mix codecs {sorted(codecs)}", tensor=t.name)
@@ -304,8 +306,10 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
         return PlannedTensor(t, DROP, "dense", None, None, dtype, codec, shape, [], rule_desc)
     if rule is None or rule.mode in ("keep", "dense"):
         out = rule.dtype if rule is not None and rule.mode == "dense" else dtype
-        src_dtype = t.sources[0].params.get("dtype") if codec == _DENSE_CODEC else None
-        route = PASSTHROUGH if (codec == _DENSE_CODEC and src_dtype == _ST_NAME[out] and t.transform is None) else CAST
+        src_st = stored.get(next(iter(t.sources[0].parts.values()))) if codec == _DENSE_CODEC else None
+        if (rule is None or rule.mode == "keep") and layout.keeps_source_dtype(t.name) and src_st in _ST_NAME.values():
+            out = {v: k for k, v in _ST_NAME.items()}[src_st]  # the runtime keeps it uncast (cast_predicate)
+        route = PASSTHROUGH if (src_st == _ST_NAME[out] and t.transform is None) else CAST
         return PlannedTensor(t, route, "dense", None, None, out, codec, shape, [TensorSpec(t.name, _ST_NAME[out], shape)], rule_desc or "keep")
     bits, group = rule.bits, rule.group_size
     if shape[-1] % group:

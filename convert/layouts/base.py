@@ -35,6 +35,12 @@ class ModelLayout:
 
     family: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
+    # Substrings of tensor names the runtime keeps in their stored dtype instead of casting to the
+    # model dtype (mirrors the family's mlx_lm `Model.cast_predicate`).
+    uncast: ClassVar[tuple[str, ...]] = ()
+
+    def keeps_source_dtype(self, name: str) -> bool:
+        return any(s in name for s in self.uncast)
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
         """The output tensors, and the checkpoint names of weights deliberately dropped (e.g. MTP layers)."""

@@ -16,6 +16,8 @@ class GenericLayout(ModelLayout):
     """Keeps every name; a 2-D `*.weight` that is not a norm or router is taken as a linear layer."""
 
     family = "generic"
+    # The names mlx_lm's MoE models most often keep uncast (deepseek_v3, glm4_moe_lite, afmoe, ... cast_predicate).
+    uncast = ("e_score_correction_bias", "expert_bias")
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
         out = []

@@ -1,0 +1,147 @@
+"""DeepSeek-V4 layout: DeepSeek's published names -> the names mlx_lm's deepseek_v41 model uses after sanitize().
+
+Mirrors mlx_lm 0.32.2 `mlx_lm/models/deepseek_v41.py` (`_rename`, `_DROP_PREFIXES`, `_EXPERT_KEY`,
+`Model.sanitize`): `embed`/`head`/`attn`/`ffn` renamed, routed experts stacked into
+`mlp.experts.switch_mlp.{gate,down,up}_proj` in expert order, `wo_a` split into its `o_groups`
+blocks, `mtp.`/`vision.`/`aligner.`/`image_` and engram weights dropped. A checkpoint whose names
+already start with `model.` is taken as converted and kept as it is, as sanitize() does.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+import numpy as np
+
+from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
+from fmtconv.errors import FmtconvError
+from fmtconv.formats.base import SourceGroup
+
+_DROP_PREFIXES = ("vision.", "aligner.", "image_", "mtp.")
+_EXPERT_KEY = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+
+# Substring replacements, in deepseek_v41._rename's order.
+_RENAMES = (
+    (".attn.", ".self_attn."),
+    (".ffn.", ".mlp."),
+    (".attn_norm.", ".input_layernorm."),
+    (".ffn_norm.", ".post_attention_layernorm."),
+    (".hc_attn_", ".attn_hc."),
+    (".hc_ffn_", ".ffn_hc."),
+    (".attn_sink", ".sinks"),
+    (".wq_a.", ".q_a_proj."),
+    (".wq_b.", ".q_b_proj."),
+    (".wkv.", ".kv_proj."),
+    (".wgate.", ".gate_proj."),
+    (".wo_a.", ".o_a_proj."),
+    (".wo_b.", ".o_b_proj."),
+    (".q_norm.", ".q_a_norm."),
+    (".compressor.norm.", ".compressor.kv_norm."),
+    (".indexer.wk.", ".indexer.k_proj."),
+    (".gate.bias", ".gate.e_score_correction_bias"),
+    (".shared_experts.w1.", ".shared_experts.gate_proj."),
+    (".shared_experts.w2.", ".shared_experts.down_proj."),
+    (".shared_experts.w3.", ".shared_experts.up_proj."),
+)
+
+# Modules of deepseek_v41 that have `to_quantized` (nn.Linear, nn.Embedding, SwitchLinear), by leaf name.
+# Not: the router `mlp.gate` (a plain Module), norms, hyper-connections, sinks.
+_QUANTIZABLE_LEAVES = frozenset(
+    {
+        "q_a_proj",
+        "q_b_proj",
+        "kv_proj",
+        "o_a_proj",
+        "o_b_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+        "weights_proj",
+        "k_proj",
+        "embed_tokens",
+        "lm_head",
+    }
+)
+
+
+def mlx_name(key: str) -> str:
+    """One published DeepSeek-V4 name -> its mlx_lm name (deepseek_v41._rename)."""
+    if key == "head.weight":
+        return "lm_head.weight"
+    if key == "embed.weight":
+        return "model.embed_tokens.weight"
+    key = f"model.{key}"
+    for old, new in _RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def is_quantizable(name: str) -> bool:
+    """Whether the runtime module holding this (post-sanitize) weight has `to_quantized`."""
+    if not name.endswith(".weight"):
+        return False
+    module = name[: -len(".weight")]
+    return module.rsplit(".", 1)[-1] in _QUANTIZABLE_LEAVES
+
+
+def split_groups(values: np.ndarray, groups: int) -> np.ndarray:
+    """wo_a [groups * rank, in] -> [groups, rank, in] (a reshape: rows keep their bytes)."""
+    return values.reshape(groups, -1, values.shape[-1])
+
+
+def _dropped(name: str) -> bool:
+    return name.startswith(_DROP_PREFIXES) or ".engram." in name or name.endswith(".gate.bias_vl")
+
+
+class DeepseekV4Layout(ModelLayout):
+    """DeepSeek-V4 / V4.1 published checkpoints for mlx_lm's deepseek_v41 model."""
+
+    family = "deepseek_v4"
+    model_types = ("deepseek_v4", "deepseek_v41", "deepseek_v41_text")
+    # deepseek_v41 Model.cast_predicate: the reference runtime keeps these in float32.
+    uncast = ("attn_hc.", "ffn_hc.", "sinks", "e_score_correction_bias", "compressor.")
+
+    def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
+        if any(g.name.startswith("model.") for g in groups):
+            # sanitize() returns such a checkpoint untouched: names are already the runtime's.
+            return [TargetTensor(g.name, (g,), quantizable=is_quantizable(g.name)) for g in groups], []
+        text = config.get("text_config") or config
+        o_groups = int(text.get("o_groups", 1))
+        n_experts = text.get("n_routed_experts")
+        out: list[TargetTensor] = []
+        dropped: list[str] = []
+        experts: dict[tuple[int, str], dict[int, SourceGroup]] = {}
+        for g in groups:
+            if _dropped(g.name):
+                dropped.append(g.name)
+                continue
+            m = _EXPERT_KEY.fullmatch(g.name)
+            if m:
+                experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = g
+                continue
+            name = mlx_name(g.name)
+            transform = None
+            if name.endswith(".o_a_proj.weight"):
+                transform = functools.partial(split_groups, groups=o_groups)
+            out.append(TargetTensor(name, (g,), transform=transform, quantizable=is_quantizable(name)))
+        for (layer, proj), by_index in sorted(experts.items()):
+            want = int(n_experts) if n_experts is not None else len(by_index)
+            if sorted(by_index) != list(range(want)):
+                missing = sorted(set(range(want)) - set(by_index))
+                raise FmtconvError(
+                    f"layer {layer} has experts {sorted(by_index)[:8]}... for {proj}, "
+                    f"expected 0..{want - 1} (n_routed_experts); missing {missing[:8]}",
+                    tensor=f"layers.{layer}.ffn.experts.*.{proj}.weight",
+                )
+            name = f"model.layers.{layer}.mlp.experts.switch_mlp.{_EXPERT_PROJ[proj]}.weight"
+            out.append(TargetTensor(name, tuple(by_index[i] for i in range(want)), quantizable=True))
+        return out, dropped
+
+    def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
+        """model_type kept (a real bundle stays deepseek_v4); `expert_dtype` removed: experts are no longer FP4."""
+        out = dict(config)
+        out.pop("expert_dtype", None)
+        return out
