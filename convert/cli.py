@@ -188,9 +188,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="q4q8", help="preset name or recipe file")
     p.set_defaults(func=_cmd_plan)
 
+    p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline vs a plain copy, or the kernels")
+    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels"])
+    p.add_argument("--size", type=_parse_size, default="4GB", help="synthetic checkpoint size (pipeline bench)")
+    p.add_argument("--dir", help="where the synthetic checkpoint lives (default ./bench-data)")
+    p.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_bench)
+
     p = sub.add_parser("recipes", help="list the preset recipes")
     p.set_defaults(func=_cmd_recipes)
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "kernels":
+        from fmtconv.kernels_ref.bench import run_kernel_bench
+
+        result = run_kernel_bench()
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            for k, v in result.items():
+                print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+        return 0
+    from pathlib import Path
+
+    from fmtconv.convert.bench import run_bench
+
+    run_bench(Path(args.dir) if args.dir else None, args.size, args.json, args.keep)
+    return 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
