@@ -184,7 +184,8 @@ def _mixed(low: int, high: int) -> dict[str, Any]:
     }
 
 
-_EXPERTS = r"switch_mlp"  # mlx_lm stacks routed experts into SwitchGLU modules named switch_mlp
+# mlx_lm stacks routed experts into SwitchGLU modules: `switch_mlp` in most families, `mlp.experts` in gpt_oss.
+_EXPERTS = r"(?:switch_mlp|\.mlp\.experts)\."
 
 PRESETS: dict[str, dict[str, Any]] = {
     "q4q8": {
@@ -203,8 +204,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "name": "dq4",
         "description": "experts 4-bit; expert down_proj 6-bit in the first 5 layers and 5-bit every 5th layer; all else 8-bit",
         "rules": [
-            {"match": rf"{_EXPERTS}\.down_proj", "layers": "i < 5", "mode": "affine", "bits": 6, "on_indivisible": "keep"},
-            {"match": rf"{_EXPERTS}\.down_proj", "layers": "i % 5 == 0", "mode": "affine", "bits": 5, "on_indivisible": "keep"},
+            {"match": rf"{_EXPERTS}down_proj", "layers": "i < 5", "mode": "affine", "bits": 6, "on_indivisible": "keep"},
+            {"match": rf"{_EXPERTS}down_proj", "layers": "i % 5 == 0", "mode": "affine", "bits": 5, "on_indivisible": "keep"},
             {"match": _EXPERTS, "mode": "affine", "bits": 4, "on_indivisible": "keep"},
             {"mode": "affine", "bits": 8, "on_indivisible": "keep"},
         ],
