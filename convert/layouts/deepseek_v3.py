@@ -18,8 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
-from fmtconv.errors import FmtconvError
+from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
 from fmtconv.formats.base import SourceGroup
 
 _EXPERT_KEY = re.compile(r"(model\.layers\.\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
@@ -87,7 +86,7 @@ class DeepseekV3Layout(ModelLayout):
                 continue
             m = _EXPERT_KEY.fullmatch(g.name)
             if m:
-                experts.setdefault((m[1], m[3]), {})[int(m[2])] = g
+                experts.setdefault((f"{m[1]}.mlp", m[3]), {})[int(m[2])] = g
                 continue
             kv = _KV_B.fullmatch(g.name)
             if kv:
@@ -96,15 +95,5 @@ class DeepseekV3Layout(ModelLayout):
                     out.append(TargetTensor(name, (g,), transform=transform, quantizable=True))
                 continue
             out.append(TargetTensor(g.name, (g,), quantizable=is_quantizable(g.name)))
-        for (prefix, proj), by_index in sorted(experts.items()):
-            want = int(n_experts) if n_experts is not None else len(by_index)
-            if sorted(by_index) != list(range(want)):
-                missing = sorted(set(range(want)) - set(by_index))
-                raise FmtconvError(
-                    f"{prefix} has {len(by_index)} {proj} experts, expected 0..{want - 1} "
-                    f"(n_routed_experts); missing {missing[:8]}",
-                    tensor=f"{prefix}.mlp.experts.*.{proj}.weight",
-                )
-            name = f"{prefix}.mlp.switch_mlp.{proj}.weight"
-            out.append(TargetTensor(name, tuple(by_index[i] for i in range(want)), quantizable=True))
+        out += stacked_experts(experts, n_experts, lambda prefix, proj: f"{prefix}.switch_mlp.{proj}.weight")
         return out, dropped

@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
-from fmtconv.errors import FmtconvError
+from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
 from fmtconv.formats.base import SourceGroup
 
 _DROP_PREFIXES = ("vision.", "aligner.", "image_", "mtp.")
@@ -113,31 +112,24 @@ class DeepseekV4Layout(ModelLayout):
         n_experts = text.get("n_routed_experts")
         out: list[TargetTensor] = []
         dropped: list[str] = []
-        experts: dict[tuple[int, str], dict[int, SourceGroup]] = {}
+        experts: dict[tuple[str, str], dict[int, SourceGroup]] = {}
         for g in groups:
             if _dropped(g.name):
                 dropped.append(g.name)
                 continue
             m = _EXPERT_KEY.fullmatch(g.name)
             if m:
-                experts.setdefault((int(m[1]), m[3]), {})[int(m[2])] = g
+                experts.setdefault((f"layers.{m[1]}.ffn", m[3]), {})[int(m[2])] = g
                 continue
             name = mlx_name(g.name)
             transform = None
             if name.endswith(".o_a_proj.weight"):
                 transform = functools.partial(split_groups, groups=o_groups)
             out.append(TargetTensor(name, (g,), transform=transform, quantizable=is_quantizable(name)))
-        for (layer, proj), by_index in sorted(experts.items()):
-            want = int(n_experts) if n_experts is not None else len(by_index)
-            if sorted(by_index) != list(range(want)):
-                missing = sorted(set(range(want)) - set(by_index))
-                raise FmtconvError(
-                    f"layer {layer} has experts {sorted(by_index)[:8]}... for {proj}, "
-                    f"expected 0..{want - 1} (n_routed_experts); missing {missing[:8]}",
-                    tensor=f"layers.{layer}.ffn.experts.*.{proj}.weight",
-                )
-            name = f"model.layers.{layer}.mlp.experts.switch_mlp.{_EXPERT_PROJ[proj]}.weight"
-            out.append(TargetTensor(name, tuple(by_index[i] for i in range(want)), quantizable=True))
+        out += stacked_experts(
+            experts, n_experts,
+            lambda prefix, proj: f"model.{prefix.replace('.ffn', '.mlp')}.experts.switch_mlp.{_EXPERT_PROJ[proj]}.weight",
+        )
         return out, dropped
 
     def output_config(self, config: dict[str, Any]) -> dict[str, Any]:

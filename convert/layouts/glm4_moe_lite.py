@@ -16,7 +16,8 @@ from typing import Any
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
 from fmtconv.convert.layouts.deepseek_v3 import embed_q, unembed_out
-from fmtconv.convert.layouts.qwen3_moe import EXPERT_KEY, is_norm, stacked_experts
+from fmtconv.convert.layouts.base import stacked_experts
+from fmtconv.convert.layouts.qwen3_moe import EXPERT_KEY, is_norm
 from fmtconv.formats.base import SourceGroup
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

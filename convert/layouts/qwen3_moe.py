@@ -9,40 +9,13 @@ Everything else keeps its name. The router `mlp.gate` is an nn.Linear there, so 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
 
-from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
-from fmtconv.errors import FmtconvError
+from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
 from fmtconv.formats.base import SourceGroup
 
 # Per-expert routed weights as HF checkpoints store them (prefix = the module holding `experts`).
 EXPERT_KEY = re.compile(r"(?P<prefix>.+)\.experts\.(?P<index>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight")
-
-
-def stacked_experts(
-    groups: dict[tuple[str, str], dict[int, SourceGroup]],
-    n_experts: int | None,
-    target: Callable[[str, str], str],
-) -> list[TargetTensor]:
-    """One stacked SwitchLinear weight per (prefix, proj), sources in expert order 0..n-1.
-
-    `groups` maps (prefix, proj) -> {expert index: group}; `target(prefix, proj)` names the output.
-    """
-    out = []
-    for (prefix, proj), by_index in sorted(groups.items()):
-        want = int(n_experts) if n_experts is not None else len(by_index)
-        if sorted(by_index) != list(range(want)):
-            missing = sorted(set(range(want)) - set(by_index))
-            raise FmtconvError(
-                f"{prefix} has {len(by_index)} {proj} experts, expected 0..{want - 1}; missing {missing[:8]}",
-                tensor=f"{prefix}.experts.*.{proj}.weight",
-            )
-        shapes = {by_index[i].shape for i in range(want)}
-        if len(shapes) != 1:
-            raise FmtconvError(f"{prefix} {proj} experts differ in shape: {sorted(shapes)}", tensor=f"{prefix}.experts.*.{proj}.weight")
-        out.append(TargetTensor(target(prefix, proj), tuple(by_index[i] for i in range(want)), quantizable=True))
-    return out
 
 
 def is_norm(name: str) -> bool:

@@ -19,7 +19,8 @@ from typing import Any
 import numpy as np
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
-from fmtconv.convert.layouts.qwen3_moe import EXPERT_KEY, stacked_experts
+from fmtconv.convert.layouts.base import stacked_experts
+from fmtconv.convert.layouts.qwen3_moe import EXPERT_KEY
 from fmtconv.formats.base import SourceGroup
 
 # (published, post-sanitize) substrings, in mlx_lm's order (first match wins).
