@@ -44,6 +44,8 @@ MANIFEST = "fmtconv-manifest.json"
 LOCK = ".fmtconv.lock"
 # Files of a source that the bundle must not carry over: weights, rewritten config, FP quant metadata.
 _NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json"}
+# Write errors that mean "no room": a full disk, a quota, a file-size limit (ulimit -f, with SIGXFSZ ignored).
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @dataclass
@@ -146,7 +148,7 @@ class Converter:
             rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=rows)
             return {f"{module}.weight": _select_rows(rep["weight"], pt), f"{module}.scales": _select_rows(rep["scales"], pt)}
         if pt.route == EXACT_AFFINE:
-            rep = self._codec(g.codec).to_exact_affine(parts, g, dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
+            rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
             return {f"{module}.{r}": _select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
         v = self._values(pt, parts, job.src, rows, dtype).reshape(-1, last)
@@ -170,7 +172,9 @@ class Converter:
         parts = {role: ck.array(name) for role, name in g.parts.items()}
         try:
             outs = self._encode(pt, parts, job)
-        except FmtconvError:
+        except FmtconvError as e:
+            if e.tensor is None:  # a kernel's refusal: say which file and tensor it came from
+                raise FmtconvError(str(e), file=e.file or ck.info(next(iter(g.parts.values()))).file, tensor=g.name) from e
             raise
         except (ValueError, TypeError, IndexError, FloatingPointError) as e:
             raise FmtconvError(f"cannot convert ({type(e).__name__}: {e})", file=ck.info(next(iter(g.parts.values()))).file, tensor=g.name) from e
@@ -239,20 +243,33 @@ class Converter:
         check_out_path(self.plan.source, self.out, overwrite)
         self.partial.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
+        writing = self.partial
         try:
             manifest = self._load_manifest()
             check_disk_space(self.partial, self.plan.total_bytes - sum(
                 (self.partial / f).stat().st_size for f in manifest["shards"] if (self.partial / f).exists()))
             self._done_bytes = sum(
                 sum(s.nbytes for s in self.plan.shards[i]) for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"])
-            with Checkpoint(self.plan.source) as ck:
-                for i, fname in enumerate(self.plan.shard_files):
-                    if fname in manifest["shards"]:
-                        continue
-                    digest = self._write_shard(ck, i, fname)
-                    manifest["shards"][fname] = digest
-                    self._save_manifest(manifest)
-            self._finish(extra_files)
+            try:
+                with Checkpoint(self.plan.source) as ck:
+                    for i, fname in enumerate(self.plan.shard_files):
+                        if fname in manifest["shards"]:
+                            continue
+                        writing = self.partial / fname
+                        digest = self._write_shard(ck, i, fname)
+                        manifest["shards"][fname] = digest
+                        self._save_manifest(manifest)
+                writing = self.partial
+                self._finish(extra_files)
+            except OSError as e:
+                if e.errno not in _DISK_FULL:
+                    raise
+                raise FmtconvError(f"disk full while writing ({os.strerror(e.errno)}); finished shards are kept in "
+                                   f"{self.partial.name}: free space and run the same command again to resume",
+                                   file=e.filename or writing) from None
+            except FmtconvError:
+                _remove(self.partial)  # bad input: nothing here can be resumed (a fixed source or recipe restarts the work)
+                raise
         finally:
             self._release_lock()
         if self.out.exists():
@@ -269,7 +286,6 @@ class Converter:
         return summary(self.plan, self.out, wall)
 
     def _finish(self, extra_files: Callable[[Path], None] | None) -> None:
-        (self.partial / MANIFEST).unlink(missing_ok=True)
         write_index(self.partial, self.plan.weight_map(), self.plan.total_bytes)
         copy_side_files(self.plan.source, self.partial)
         config = output_config(self.plan)
@@ -278,6 +294,7 @@ class Converter:
         os.replace(tmp, self.partial / "config.json")
         if extra_files is not None:
             extra_files(self.partial)
+        (self.partial / MANIFEST).unlink(missing_ok=True)  # last: until now a re-run resumes with the finished shards
 
     def _load_manifest(self) -> dict[str, Any]:
         fingerprint = self.plan.fingerprint()
@@ -375,15 +392,10 @@ def copy_side_files(src: Path, dst: Path) -> list[str]:
         if p.name == "README.md":
             continue  # the bundle gets its own model card
         target = dst / p.name
-        try:
-            if p.is_dir():
-                shutil.copytree(p, target, dirs_exist_ok=True)
-            else:
-                shutil.copyfile(p, target)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise FmtconvError("disk full while copying side files", file=target) from None
-            raise
+        if p.is_dir():
+            shutil.copytree(p, target, dirs_exist_ok=True)
+        else:
+            shutil.copyfile(p, target)  # a full disk surfaces as OSError; Converter.run reports it, keeping the work
         copied.append(p.name)
     return copied
 
