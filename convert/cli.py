@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -75,9 +76,18 @@ def _recipe_for(args: argparse.Namespace):
     return load_recipe("q4q8")
 
 
+def _resolve_src(args: argparse.Namespace) -> None:
+    """A hub repo id (`org/name`) is downloaded (only the files a conversion needs) into the cache."""
+    from fmtconv.convert.hub import is_repo_id, resolve_source
+
+    if is_repo_id(str(args.src)):
+        args.src = str(resolve_source(args.src, revision=args.revision, cache_dir=args.cache_dir))
+
+
 def _plan_from_args(args: argparse.Namespace):
     from fmtconv.convert.api import plan
 
+    _resolve_src(args)
     return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
                 rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size)
 
@@ -115,6 +125,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from fmtconv.convert.api import convert
 
+    _resolve_src(args)
     recipe = _recipe_for(args)
     if args.command in ("mxfp4-to-affine", "fp8-to-affine") and not args.recipe:
         codec = "mxfp4" if args.command == "mxfp4-to-affine" else "fp8_block"
@@ -134,7 +145,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                       f"({(result['params_per_s'] or 0) / 1e6:.1f} Mparam/s)")
         for w in result["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {w}")
+    if args.upload_repo:
+        from fmtconv.convert.hub import upload_bundle
+
+        url = upload_bundle(args.out, args.upload_repo)
+        if not args.quiet:
+            print(f"uploaded to {url}")
     return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from fmtconv.convert.verify import verify_bundle
+
+    if args.source:
+        from fmtconv.convert.hub import is_repo_id, resolve_source
+        from fmtconv.convert.source_values import source_pairs
+        from fmtconv.formats.safetensors_io import Checkpoint
+
+        src = str(resolve_source(args.source, revision=args.revision, cache_dir=args.cache_dir)) if is_repo_id(args.source) else args.source
+        with Checkpoint(src) as ck:
+            report = verify_bundle(args.out, src, pairs=source_pairs(args.out, src, ck), threshold_db=args.threshold)
+    else:
+        report = verify_bundle(args.out, threshold_db=args.threshold)
+    print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text())
+    return 0 if report.ok else 1
 
 
 def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
@@ -149,7 +183,10 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("--family", help="model layout family (default: from config model_type)")
     p.add_argument("--max-shard-size", type=_parse_size, default="5GiB", help="shard size cap (default 5GiB, as mlx_lm)")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--revision", help="hub revision when SRC is a repo id (org/name)")
+    p.add_argument("--cache-dir", help="hub cache directory (default: the standard huggingface_hub cache)")
     if with_out:
+        p.add_argument("--upload-repo", help="upload OUT to this hub repo after a successful verify")
         p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
         p.add_argument("--quiet", action="store_true", help="no progress display")
         p.add_argument("--workers", type=int, help="threads (default: all cores)")
@@ -186,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p, with_out=False)
     p.add_argument("--recipe", default="q4q8", help="preset name or recipe file")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("verify", help="check a bundle's structure; with --source also SQNR per tensor")
+    p.add_argument("out", help="the MLX bundle directory")
+    p.add_argument("--source", help="the source checkpoint (directory or hub repo id) for the SQNR report")
+    p.add_argument("--revision", help="hub revision when --source is a repo id")
+    p.add_argument("--cache-dir", help="hub cache directory")
+    p.add_argument("--threshold", type=float, help="SQNR floor in dB for outliers (default: per output kind)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline vs a plain copy, or the kernels")
     p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels"])
@@ -228,6 +274,10 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:  # past a file-size limit (ulimit -f) a write then fails with EFBIG, reported as disk full, instead of killing us
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    except (AttributeError, ValueError):  # no SIGXFSZ on this platform, or main() called off the main thread
+        pass
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -151,6 +151,10 @@ class Converter:
             rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
             return {f"{module}.{r}": _select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
+        if pt.route == REQUANT and pt.mode == "affine" and g.codec == "mxfp4" and pt.target.transform is None:
+            fast = self._affine_from_mxfp4(pt, parts, job, dtype)
+            if fast is not None:
+                return fast
         v = self._values(pt, parts, job.src, rows, dtype).reshape(-1, last)
         if pt.target.transform is not None:
             v = pt.target.transform(v.reshape(g.shape))
@@ -164,6 +168,21 @@ class Converter:
             return {f"{module}.weight": wq, f"{module}.scales": s, f"{module}.biases": b}
         wq, s = kernels_ref.fp_quantize(v, pt.mode)[:2]
         return {f"{module}.weight": wq, f"{module}.scales": s}
+
+    def _affine_from_mxfp4(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job, dtype: np.dtype) -> dict[str, np.ndarray] | None:
+        """MXFP4 rows -> affine straight from the codes (kernels_ref.affine_quantize_mxfp4: the same bytes as
+        decode + round + affine_quantize, several times faster); None where that table route does not apply."""
+        from fmtconv.kernels_ref.affine_mxfp4 import affine_quantize_mxfp4
+
+        g = pt.target.sources[job.src]
+        rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
+        packed = _select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
+        codes = _select_rows(np.asarray(rep["scales"]), pt)
+        out = affine_quantize_mxfp4(packed, codes, pt.group_size, pt.bits, dtype=dtype, backend=self.plan.kernel_backend)
+        if out is None:
+            return None
+        module = pt.target.module
+        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
 
     # ---- one shard -----------------------------------------------------------------------------
     def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, PreallocatedSafetensorsWriter]) -> int:
@@ -419,6 +438,7 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "version": __version__,
         "source": str(plan.source),
         "recipe": plan.recipe.name,
+        "layout": plan.layout.family,
         "recipe_rules": plan.recipe.model_dump(mode="json")["rules"],
         "kernel_backend": plan.kernel_backend,
         "rounding": plan.rounding,

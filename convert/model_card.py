@@ -1,0 +1,247 @@
+"""The bundle's README.md: source, recipe, per-module-pattern table, bit distribution, size, verify summary.
+
+Everything in the tables is read back from what was written (config.json's `quantization` block and
+the shard headers), not from the plan, so the card describes the bundle as `mlx_lm.load` sees it.
+Front matter keys follow the Hub's model card metadata (huggingface_hub `ModelCardData`:
+library_name, pipeline_tag, base_model, tags), as mlx_lm.utils.create_model_card sets them.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fmtconv import __version__
+from fmtconv.convert.verify import ModuleEntry, bundle_modules, open_bundle, pattern_table, quant_block
+from fmtconv.formats.safetensors_io import TensorInfo
+
+README = "README.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FIRST_INDEX = re.compile(r"(?<=\.)(\d+)(?=\.)")
+
+
+@dataclass
+class FilesInfo:
+    """What the card needs from disk: every file's size and every stored tensor's header entry."""
+
+    sizes: dict[str, int] = field(default_factory=dict)  # relative path -> bytes
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+
+    @property
+    def shard_bytes(self) -> int:
+        return sum(v for k, v in self.sizes.items() if k.endswith(".safetensors"))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes.values())
+
+    @property
+    def shards(self) -> int:
+        return sum(k.endswith(".safetensors") for k in self.sizes)
+
+
+def files_info(out_dir: str | Path) -> FilesInfo:
+    """Scan a written bundle (headers only, no tensor data)."""
+    b = open_bundle(out_dir)
+    try:
+        return FilesInfo({k: v for k, v in b.file_sizes().items() if k != README}, dict(b.tensors))
+    finally:
+        b.close()
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def _human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _ranges(xs: list[int]) -> str:
+    """[0,1,2,4,5,9] -> '0-2, 4-5, 9'."""
+    xs = sorted(set(xs))
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _layers_by_row(entries: list[ModuleEntry]) -> dict[tuple, str]:
+    """For each table row key, the layer indices (first numeric path component) its modules sit in."""
+    layers: dict[tuple, list[int]] = defaultdict(list)
+    for e in entries:
+        m = _FIRST_INDEX.search(e.name)
+        if m:
+            layers[(e.pattern, e.mode, e.bits, e.group_size, e.dtype)].append(int(m.group(1)))
+    return {k: _ranges(v) for k, v in layers.items()}
+
+
+def _fmt_db(x: Any) -> str:
+    if isinstance(x, str):
+        return x
+    return "exact" if math.isinf(x) and x > 0 else f"{x:.2f}"
+
+
+def render_model_card(
+    config: Mapping[str, Any],
+    source: str | None,
+    recipe_name: str | None,
+    verify_summary: Mapping[str, Any] | None,
+    files_info: FilesInfo,
+    *,
+    revision: str | None = None,
+    title: str | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """README.md text for a bundle.
+
+    config: the written config.json; files_info: `files_info(out_dir)`; verify_summary:
+    `VerifyReport.summary_json()` or None (not verified); repo_id: where the bundle will live
+    (used in the snippet; else the title).
+    """
+    entries = bundle_modules(config, files_info.tensors)
+    rows = pattern_table(entries)
+    layers = _layers_by_row(entries)
+    params = sum(e.params for e in entries)
+    nbytes = sum(e.nbytes for e in entries)
+    bpw = nbytes * 8 / params if params else 0.0
+    default, overrides, _ = quant_block(config)
+    name = title or repo_id or (source.rstrip("/").split("/")[-1] + "-mlx" if source else "MLX bundle")
+    is_hub = bool(source and _HUB_ID.match(source) and not Path(source).exists())
+
+    out: list[str] = ["---", "library_name: mlx", "pipeline_tag: text-generation"]
+    if is_hub:
+        out.append(f"base_model: {source}")
+    out += ["tags:", "- mlx", "- fmtconv", "- quantized", "---", "", f"# {name}", ""]
+    src_txt = f"[{source}](https://huggingface.co/{source})" if is_hub else (f"`{source}`" if source else "an unrecorded source")
+    rev_txt = f" at revision `{revision}`" if revision else ""
+    recipe_txt = f" with the recipe `{recipe_name}`" if recipe_name else ""
+    out += [f"This MLX bundle was converted from {src_txt}{rev_txt} by fmtconv {__version__}{recipe_txt}.", ""]
+
+    out += ["| | |", "|---|---|",
+            f"| Size on disk | {_human_bytes(files_info.shard_bytes)} in {files_info.shards} shard(s) "
+            f"({_human_bytes(files_info.total_bytes)} with side files) |",
+            f"| Parameters | {_human_count(params)} ({params}) |",
+            f"| Effective bits per weight | {bpw:.3f} |"]
+    if default is not None:
+        out.append(f"| Default quantization | {default.mode}, {default.bits} bits, group size {default.group_size} "
+                   f"({len(overrides)} per-module override(s)) |")
+    dtype = config.get("torch_dtype") or config.get("dtype")
+    if dtype:
+        out.append(f"| Compute dtype | {dtype} |")
+    out.append("")
+
+    out += ["## Modules", "",
+            "Module patterns (layer and expert indices as `{i}`) as written in `config.json` and the shards; "
+            "Dtype is that of the scales for quantized modules and of the tensor for dense ones.", "",
+            "| Module pattern | Mode | Bits | Group | Dtype | Layers | Count | Parameters | Size |",
+            "|---|---|---:|---:|---|---|---:|---:|---:|"]
+    for r in rows:
+        k = (r["pattern"], r["mode"], r["bits"], r["group_size"], r["dtype"])
+        out.append(f"| `{r['pattern']}` | {r['mode']} | {r['bits'] if r['bits'] is not None else ''} | "
+                   f"{r['group_size'] if r['group_size'] is not None else ''} | {r['dtype']} | {layers.get(k, '')} | "
+                   f"{r['count']} | {_human_count(r['params'])} | {_human_bytes(r['bytes'])} |")
+    out.append("")
+
+    dist: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for e in entries:
+        dist[e.label][0] += e.params
+        dist[e.label][1] += e.nbytes
+    out += ["## Bit distribution", "", "| Precision | Parameters | Share | Size |", "|---|---:|---:|---:|"]
+    for label, (p, b) in sorted(dist.items(), key=lambda kv: -kv[1][0]):
+        out.append(f"| {label} | {_human_count(p)} | {100 * p / params if params else 0:.1f}% | {_human_bytes(b)} |")
+    out.append("")
+
+    out += ["## Verification", ""]
+    if verify_summary is None:
+        out += ["Not verified; run `fmtconv verify` on this folder.", ""]
+    else:
+        status = "passed" if verify_summary.get("ok") else f"found {verify_summary.get('problems')} problem(s)"
+        out += [f"`fmtconv verify` {status}: {verify_summary.get('modules', 0)} quantized modules, "
+                f"{verify_summary.get('tensors', 0)} weights checked for structure, shapes and finite scales.", ""]
+        pats = verify_summary.get("patterns") or []
+        if pats:
+            out += [f"Against the source ({verify_summary.get('compared', 0)} tensors decoded to float32 on both sides):", "",
+                    "| Module pattern | Kind | Count | Min SQNR (dB) | Median SQNR (dB) | Max abs error |",
+                    "|---|---|---:|---:|---:|---:|"]
+            for s in pats:
+                err = s["max_abs_error"]
+                out.append(f"| `{s['pattern']}` | {s['kind']} | {s['count']} | {_fmt_db(s['min_sqnr_db'])} | "
+                           f"{_fmt_db(s['median_sqnr_db'])} | {err if isinstance(err, str) else f'{err:.3g}'} |")
+            out.append("")
+            if verify_summary.get("outliers"):
+                out += [f"Below the SQNR threshold: {', '.join(f'`{n}`' for n in verify_summary['outliers'])}.", ""]
+
+    target = repo_id or "path/to/this/folder"
+    out += ["## Use with mlx-lm", "", "```bash", "pip install mlx-lm", "```", "", "```python",
+            "from mlx_lm import load, generate", "", f'model, tokenizer = load("{target}")',
+            'messages = [{"role": "user", "content": "hello"}]',
+            "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
+            "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", ""]
+    return "\n".join(out)
+
+
+def write_model_card(
+    out_dir: str | Path,
+    plan: Any = None,
+    *,
+    source: str | None = None,
+    recipe_name: str | None = None,
+    verify_summary: Mapping[str, Any] | None = None,
+    revision: str | None = None,
+    repo_id: str | None = None,
+    run_verify: bool = True,
+) -> Path:
+    """Render README.md into a written bundle (config, index and shards in place).
+
+    Source and recipe come from `plan` (fmtconv.convert.plan.Plan) when given, else from the
+    arguments, else from config.json's "fmtconv" provenance record.  With run_verify and no
+    verify_summary, the structural verify runs first and its summary goes into the card.
+    """
+    import json
+
+    from fmtconv.convert.verify import verify_bundle
+
+    out = Path(out_dir)
+    config = json.loads((out / "config.json").read_text())
+    prov = config.get("fmtconv") if isinstance(config.get("fmtconv"), dict) else {}
+    if plan is not None:
+        source = source or str(plan.source)
+        recipe_name = recipe_name or plan.recipe.name
+    source = source or prov.get("source")
+    recipe_name = recipe_name or prov.get("recipe")
+    revision = revision or prov.get("revision")
+    if source:  # a hub download: name the repo and commit, not the cache path
+        from fmtconv.convert.hub import snapshot_info
+
+        snap = snapshot_info(source)
+        if snap is not None:
+            source, revision = snap[0], revision or snap[1]
+    if verify_summary is None and run_verify:
+        verify_summary = verify_bundle(out).summary_json()
+    text = render_model_card(config, source, recipe_name, verify_summary, files_info(out), revision=revision,
+                             title=out.name.removesuffix(".partial"), repo_id=repo_id)
+    path = out / README
+    tmp = path.with_name(README + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+__all__ = ["FilesInfo", "README", "files_info", "render_model_card", "write_model_card"]
