@@ -75,9 +75,10 @@ def test_registry_accepts_new_codecs():
 
 
 def test_readme_snippet_runs():
-    text = (ROOT / "formats" / "README_snippet.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Using the codecs from another converter"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     ns: dict = {}
-    exec(compile(code, "README_snippet.md", "exec"), ns)
+    exec(compile(code, "README.md", "exec"), ns)
     assert ns["mlx"]["weight"].dtype == np.uint32 and ns["mlx"]["scales"].dtype == BF16
     assert ns["exact"].values.shape == (64, 128)
