@@ -260,6 +260,8 @@ class Converter:
     def run(self, *, overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         check_out_path(self.plan.source, self.out, overwrite)
+        if not self.partial.exists():  # a fresh run: refuse before creating anything
+            check_disk_space(_existing_parent(self.partial), self.plan.total_bytes)
         self.partial.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         writing = self.partial
@@ -368,6 +370,14 @@ class Converter:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _existing_parent(p: Path) -> Path:
+    """The nearest existing directory at or above p (where its bytes would land)."""
+    p = Path(p).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def _remove(p: Path) -> None:

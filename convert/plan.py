@@ -177,7 +177,7 @@ def read_config(src: Path) -> dict[str, Any]:
         raise FmtconvError("config.json is missing; the plan needs the model_type and dtype it declares", file=path)
     try:
         config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
         raise FmtconvError(f"not valid JSON ({e})", file=path) from None
     if not isinstance(config, dict):
         raise FmtconvError("must hold a JSON object", file=path)
@@ -261,7 +261,13 @@ def build_plan(
         source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
         source_bytes = sum(i.nbytes for i in ck.tensors.values())
         stored = {name: info.dtype for name, info in ck.tensors.items()}
-    targets, dropped = layout.targets(groups, config)
+    try:
+        targets, dropped = layout.targets(groups, config)
+    except KeyError as e:  # layouts index config.json directly for the fields they cannot do without
+        key = e.args[0] if e.args else None
+        if not isinstance(key, str) or key in config or key in (config.get("text_config") or {}):
+            raise
+        raise FmtconvError(f"has no {key!r}; the {layout.family} layout needs it", file=src / "config.json") from None
     n_layers = num_layers_of(config)
     warnings: list[str] = []
     planned: list[PlannedTensor] = []

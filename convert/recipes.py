@@ -264,7 +264,8 @@ def _format_validation_error(e: ValidationError, where: str) -> str:
                 path += f" ({'.'.join(rest)})"
         else:
             path = ".".join(str(x) for x in loc) or "recipe"
-        lines.append(f"{path}: {err['msg']}")
+        got = f", got {err['input']!r}" if err.get("type") == "literal_error" else ""
+        lines.append(f"{path}: {err['msg']}{got}")
     return f"{where}: invalid recipe: " + "; ".join(lines)
 
 
@@ -283,11 +284,13 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
     path = Path(key)
     if not path.is_file():
         raise FmtconvError(f"recipe {key!r} is neither a preset ({', '.join(PRESETS)}) nor a file")
-    text = path.read_text()
     try:
+        text = path.read_text()
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: JSON/TOML decode errors, UnicodeDecodeError
         raise FmtconvError(f"recipe file is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {e}", file=path) from None
+    if not isinstance(data, dict):
+        raise FmtconvError(f"recipe file must hold an object with a 'rules' list, got {type(data).__name__}", file=path)
     data.setdefault("name", path.stem)
     return recipe_from_dict(data, str(path))
 

@@ -10,6 +10,7 @@ ourselves and map byte ranges with NumPy over an mmap (zero-copy, read-only).
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -27,6 +28,8 @@ INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 << 30
 # Safetensors caps the header at 100 MB (safetensors/src/tensor.rs, MAX_HEADER_SIZE).
 MAX_HEADER_BYTES = 100_000_000
+# Views need NumPy-sized shapes: at most NPY_MAXDIMS axes (32 in NumPy 1.x) and a byte size that fits intp.
+MAX_AXES = 32
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ def _parse_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, Ten
         raise FmtconvError(f"header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit", file=path)
     try:
         header = json.loads(raw[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, ints over 4300 digits
         raise FmtconvError(f"header is not well-formed UTF-8 JSON ({e})", file=path) from None
     if not isinstance(header, dict):
         raise FmtconvError(f"header must be a JSON object, got {type(header).__name__}", file=path)
@@ -88,6 +91,10 @@ def _parse_header(path: Path, raw: bytes, file_size: int) -> tuple[dict[str, Ten
             raise FmtconvError(f"unknown dtype {dtype!r}", file=path, tensor=name)
         if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
             raise FmtconvError(f"shape must be a list of non-negative integers, got {shape!r}", file=path, tensor=name)
+        if len(shape) > MAX_AXES:
+            raise FmtconvError(f"shape has {len(shape)} axes; at most {MAX_AXES} are supported", file=path, tensor=name)
+        if math.prod(d for d in shape if d) * sd.numpy.itemsize >= 2**63:
+            raise FmtconvError(f"shape {shape} is too large to address (2**63 bytes or more)", file=path, tensor=name)
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
@@ -211,7 +218,7 @@ class Checkpoint:
     def _load_index(self, index: Path) -> None:
         try:
             data = json.loads(index.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
             raise FmtconvError(f"index is not readable JSON ({e})", file=index) from None
         wm = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(wm, dict) or not all(isinstance(v, str) for v in wm.values()):
