@@ -36,7 +36,14 @@ from fmtconv.convert.plan import (
     PlannedTensor,
 )
 from fmtconv.errors import FmtconvError
-from fmtconv.formats.safetensors_io import INDEX_NAME, Checkpoint, PreallocatedSafetensorsWriter, write_index
+from fmtconv.formats.safetensors_io import (
+    INDEX_NAME,
+    Checkpoint,
+    PreallocatedSafetensorsWriter,
+    TensorSpec,
+    encode_header,
+    write_index,
+)
 
 # Elements of one row block; a few blocks are in flight per worker (each costs ~10-20 bytes/element).
 BLOCK_ELEMENTS = 1 << 22
@@ -124,6 +131,9 @@ class Converter:
         from fmtconv.formats.rounding import round_to_dtype
 
         g = pt.target.sources[k]
+        fast = self._codec(g.codec).decode_to(parts, g, dtype=dtype, rows=rows)
+        if fast is not None:  # the codec's table route: the same values as decode(...).to(dtype)
+            return fast
         exact = self._codec(g.codec).decode(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[self.plan.compute_dtype]), rows=rows)
         v = exact.values
         if self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and v.dtype == np.float64:
@@ -172,7 +182,7 @@ class Converter:
     def _affine_from_mxfp4(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job, dtype: np.dtype) -> dict[str, np.ndarray] | None:
         """MXFP4 rows -> affine straight from the codes (kernels_ref.affine_quantize_mxfp4: the same bytes as
         decode + round + affine_quantize, several times faster); None where that table route does not apply."""
-        from fmtconv.kernels_ref.affine_mxfp4 import affine_quantize_mxfp4
+        from fmtconv.kernels_ref.table_driven import affine_quantize_mxfp4
 
         g = pt.target.sources[job.src]
         rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
@@ -217,29 +227,38 @@ class Converter:
         tensors = [pt for pt in self.plan.tensors if any(p.name in names for p in pt.parts)]
         writer = PreallocatedSafetensorsWriter(self.partial / fname, specs, {"format": "mlx"})
         writers = {s.name: writer for s in specs}
+        jobs = [list(iter_jobs(pt)) for pt in tensors]
+        behind = _FlushBehind(writer.tmp, _tensor_ends(specs, tensors), [len(j) for j in jobs])
         try:
             with cf.ThreadPoolExecutor(self.workers) as pool:
                 pending: set[cf.Future] = set()
-                for pt in tensors:
-                    for job in iter_jobs(pt):
-                        pending.add(pool.submit(self._run_job, ck, job, writers))
+                for t, tensor_jobs in enumerate(jobs):
+                    for job in tensor_jobs:
+                        f = pool.submit(self._run_job, ck, job, writers)
+                        f.tensor_index = t  # type: ignore[attr-defined]
+                        pending.add(f)
                         if len(pending) >= 2 * self.workers:
-                            pending = self._drain(pending, cf.FIRST_COMPLETED)
-                self._drain(pending, cf.ALL_COMPLETED)
+                            pending = self._drain(pending, cf.FIRST_COMPLETED, behind.job_done)
+                self._drain(pending, cf.ALL_COMPLETED, behind.job_done)
+            behind.finish(writer.size)
             path = writer.close()
         except BaseException:
+            behind.close()
             writer.abort()
             raise
+        behind.close()
         self._check_source_unchanged()
-        return _sha256(path)
+        return behind.hexdigest() if behind.complete else _sha256(path)
 
-    def _drain(self, pending: set[cf.Future], how: str) -> set[cf.Future]:
+    def _drain(self, pending: set[cf.Future], how: str, on_done: Callable[[cf.Future], None] | None = None) -> set[cf.Future]:
         done, rest = cf.wait(pending, return_when=how)
         for f in done:
             if f.exception() is not None:
                 for r in rest:
                     r.cancel()
                 raise f.exception()  # type: ignore[misc]
+            if on_done is not None:
+                on_done(f)
             with self._done_lock:
                 self._done_bytes += f.result()
                 if self.progress:
@@ -308,7 +327,7 @@ class Converter:
 
     def _finish(self, extra_files: Callable[[Path], None] | None) -> None:
         write_index(self.partial, self.plan.weight_map(), self.plan.total_bytes)
-        copy_side_files(self.plan.source, self.partial)
+        copy_side_files(self.plan.source, self.partial, with_readme=extra_files is None)
         config = output_config(self.plan)
         tmp = self.partial / "config.json.tmp"
         tmp.write_text(json.dumps(config, indent=4) + "\n")
@@ -372,6 +391,67 @@ class Converter:
             self._lock_fd = None
 
 
+_HASH_CHUNK = 1 << 22  # bytes per read when hashing (small: it counts towards peak RSS)
+
+
+def _tensor_ends(specs: list[TensorSpec], tensors: list[PlannedTensor]) -> list[int] | None:
+    """File offset where each planned tensor's parts end in the shard (parts are laid out tensor by tensor,
+    as build_plan orders them); None if the layout is not in that order."""
+    pos = len(encode_header(specs, {"format": "mlx"}))
+    end = {}
+    for spec in specs:
+        pos += spec.nbytes
+        end[spec.name] = pos
+    ends = [max(end[p.name] for p in pt.parts) for pt in tensors]
+    return ends if ends == sorted(ends) else None
+
+
+class _FlushBehind:
+    """SHA-256 of a shard computed while it is written: whenever the tensors at its start are complete, their
+    bytes are hashed (still in the page cache) and handed to the kernel for writeback (POSIX_FADV_DONTNEED starts
+    it), so the disk works during the conversion and the shard is neither re-read nor left to one long fsync."""
+
+    def __init__(self, path: Path, ends: list[int] | None, jobs: list[int]):
+        self.ends, self.left = ends, list(jobs)
+        self.complete = False
+        self._sha = hashlib.sha256()
+        self._pos, self._next = 0, 0
+        self._fd = os.open(path, os.O_RDONLY) if ends is not None else -1
+
+    def job_done(self, f: cf.Future) -> None:
+        if self.ends is None:
+            return
+        self.left[f.tensor_index] -= 1  # type: ignore[attr-defined]
+        while self._next < len(self.left) and self.left[self._next] == 0:
+            self._next += 1
+        if self._next:
+            self._advance(self.ends[self._next - 1])
+
+    def finish(self, size: int) -> None:
+        if self.ends is not None:
+            self._advance(size)
+            self.complete = True
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
+
+    def _advance(self, end: int) -> None:
+        start = self._pos
+        while self._pos < end:
+            chunk = os.pread(self._fd, min(_HASH_CHUNK, end - self._pos), self._pos)
+            if not chunk:
+                raise OSError(errno.EIO, "shard shorter than planned while hashing")
+            self._sha.update(chunk)
+            self._pos += len(chunk)
+        if self._pos > start and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, start, self._pos - start, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
 def _existing_parent(p: Path) -> Path:
     """The nearest existing directory at or above p (where its bytes would land)."""
     p = Path(p).absolute()
@@ -390,7 +470,7 @@ def _remove(p: Path) -> None:
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
+        while chunk := f.read(_HASH_CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
@@ -412,13 +492,13 @@ def check_disk_space(where: Path, needed: int, margin: float = 1.05) -> None:
         raise FmtconvError(f"needs about {needed * margin / 1e9:.2f} GB of free disk but {free / 1e9:.2f} GB is free", file=where)
 
 
-def copy_side_files(src: Path, dst: Path) -> list[str]:
+def copy_side_files(src: Path, dst: Path, with_readme: bool = False) -> list[str]:
     """Copy every non-weight file and folder of the source (tokenizer, chat template, licence, ...)."""
     copied = []
     for p in sorted(src.iterdir()):
         if p.name.startswith(".") or p.name in _NOT_COPIED or p.suffix == ".safetensors":
             continue
-        if p.name == "README.md":
+        if p.name == "README.md" and not with_readme:
             continue  # the bundle gets its own model card
         target = dst / p.name
         if p.is_dir():

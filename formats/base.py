@@ -85,6 +85,12 @@ class Codec(ABC):
     ) -> Exact:
         """Decode rows [start, stop) of the flattened logical tensor (all rows when None)."""
 
+    def decode_to(
+        self, parts: Mapping[str, np.ndarray], group: SourceGroup, *, dtype: np.dtype, rows: tuple[int, int] | None = None
+    ) -> np.ndarray | None:
+        """Optional fast path: rows already rounded to `dtype`, equal to `decode(...).to(dtype)`; None where it does not apply."""
+        return None
+
     @abstractmethod
     def encode(self, values: Exact | np.ndarray, **params: Any) -> dict[str, np.ndarray]:
         """Encode values (last axis = input dim) into this format's stored parts, by role."""

@@ -141,6 +141,22 @@ class Fp8BlockCodec(Codec):
             values = vals.astype(np.float64) * sc[:, cols]
         return Exact(values, np.dtype(compute_dtype), self.name, dict(group.params))
 
+    def decode_to(self, parts, group, *, dtype, rows=None) -> np.ndarray | None:
+        """E8M0-scaled rows rounded once to `dtype` by value table (kernels_ref.table_driven), the same values as
+        `decode(...).to(dtype)` without float32 temporaries; None for float scales or parts `decode` would refuse."""
+        if group.params.get("scale_kind") != "e8m0" or len(group.shape) < 2:
+            return None
+        from fmtconv.kernels_ref.table_driven import fp8_e8m0_rows_to_dtype
+
+        out, k = group.shape[-2], group.shape[-1]
+        block = tuple(int(b) for b in group.params.get("block", DEFAULT_BLOCK))
+        w, s = np.asarray(parts["weight"]), np.asarray(parts["scale"])
+        if w.size != group.rows * k or w.itemsize != 1 or s.itemsize != 1 or s.shape != grid(tuple(group.shape), block):
+            return None  # decode() names what is wrong
+        start, stop = row_range(rows, group.rows, group.name)
+        codes = w.view(np.uint8).reshape(-1, k)[start:stop]
+        return fp8_e8m0_rows_to_dtype(codes, s.view(np.uint8), start, out, block, np.dtype(dtype))
+
     def encode(
         self,
         values: Exact | np.ndarray,

@@ -74,3 +74,16 @@ def test_convert_needs_a_recipe_and_names_bad_ones(tmp_path: Path) -> None:
 def test_recipes_lists_presets() -> None:
     run = _cli("recipes")
     assert run.returncode == 0 and "q4q8" in run.stdout and "mixed_3_6" in run.stdout
+
+
+def test_model_card_or_the_source_card(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    import shutil
+
+    shutil.copytree(FIXTURES / "gpt-oss-tiny", src)
+    (src / "README.md").write_text("# the maker's card\n")
+    assert main(["convert", str(src), str(tmp_path / "a"), "--recipe", "q4q8", "--quiet"]) == 0
+    card = (tmp_path / "a" / "README.md").read_text()
+    assert "fmtconv" in card and "q4q8" in card and "maker's card" not in card
+    assert main(["convert", str(src), str(tmp_path / "b"), "--recipe", "q4q8", "--quiet", "--keep-source-card"]) == 0
+    assert (tmp_path / "b" / "README.md").read_text() == "# the maker's card\n"
