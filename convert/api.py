@@ -62,12 +62,7 @@ def convert(
     return Converter(p, Path(out), workers=workers, progress=progress).run(overwrite=overwrite, extra_files=extra)
 
 
-def _model_card_writer(p: Plan) -> Callable[[Path], None] | None:
-    try:
-        from fmtconv.convert.model_card import write_model_card  # noqa: F401
-    except ImportError:
-        return None
-
+def _model_card_writer(p: Plan) -> Callable[[Path], None]:
     def write(partial: Path) -> None:
         from fmtconv.convert.model_card import write_model_card
 

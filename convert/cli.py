@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_parse_size, default="4GB", help="synthetic checkpoint size (pipeline bench)")
     p.add_argument("--dir", help="where the synthetic checkpoint lives (default ./bench-data)")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    p.add_argument("--kernel-backend", default="cpu", choices=["metal", "cuda", "cpu"],
+                   help="fmtconv's affine arithmetic (default cpu: the one mx.quantize runs here, so the bytes compare)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -261,7 +263,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from fmtconv.convert.bench import run_bench
 
-    run_bench(Path(args.dir) if args.dir else None, args.size, args.json, args.keep)
+    run_bench(Path(args.dir) if args.dir else None, args.size, args.json, args.keep, kernel_backend=args.kernel_backend)
     return 0
 
 

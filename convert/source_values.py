@@ -31,7 +31,6 @@ def _decode(ck: Checkpoint, pt: PlannedTensor, k: int, a: int, b: int) -> np.nda
 def source_rows(ck: Checkpoint, pt: PlannedTensor) -> SourceRows:
     """fn(start, stop) -> float32 rows [start, stop) of the output tensor, flattened to 2-D, from the source."""
     t = pt.target
-    g0 = t.sources[0]
     n_src = len(t.sources)
     out_rows = int(np.prod(pt.shape[:-1])) if len(pt.shape) > 1 else 1
     per_src = out_rows // n_src
