@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from fmtconv import __version__
+from fmtconv.convert.bundle_check import module_pattern
 from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
 from fmtconv.convert.recipes import FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
@@ -125,7 +125,7 @@ class Plan:
         for t in self.tensors:
             if t.route == DROP:
                 continue
-            pattern = re.sub(r"(?<=\.)\d+(?=\.)", "{i}", t.target.name)
+            pattern = module_pattern(t.target.name)
             k = (pattern, t.mode, t.bits, t.group_size, t.dtype if not t.quantized else "", t.route)
             r = rows.setdefault(k, {"pattern": pattern, "mode": t.mode, "bits": t.bits, "group_size": t.group_size,
                                     "dtype": t.dtype, "route": t.route, "count": 0, "params": 0, "bytes": 0})
