@@ -57,8 +57,9 @@ def convert(
     if progress is None and not quiet and sys.stderr.isatty():
         from fmtconv.convert.progress import RichProgress
 
-        with RichProgress(p.total_bytes, f"converting {Path(src).name}") as bar:
-            return Converter(p, Path(out), workers=workers, progress=bar.update).run(overwrite=overwrite, extra_files=extra)
+        with RichProgress(p.total_bytes, len(p.tensors), f"converting {Path(src).name}") as bar:
+            return Converter(p, Path(out), workers=workers, progress=bar.update,
+                             tensor_progress=bar.update_tensors).run(overwrite=overwrite, extra_files=extra)
     return Converter(p, Path(out), workers=workers, progress=progress).run(overwrite=overwrite, extra_files=extra)
 
 

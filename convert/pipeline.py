@@ -107,12 +107,15 @@ def _select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:
 class Converter:
     """Runs one plan into OUT (via OUT.partial), resumable, on `workers` threads."""
 
-    def __init__(self, plan: Plan, out: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None):
+    def __init__(self, plan: Plan, out: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None,
+                 tensor_progress: Callable[[int, int], None] | None = None):
         self.plan = plan
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.workers = workers or max(1, os.cpu_count() or 1)
-        self.progress = progress
+        self.progress = progress  # (bytes written, total bytes)
+        self.tensor_progress = tensor_progress  # (tensors finished, total tensors)
+        self._tensors_done = 0
         self._lock_fd: int | None = None
         self._codecs: dict[str, Any] = {}
         self._done_bytes = 0
@@ -229,6 +232,15 @@ class Converter:
         writers = {s.name: writer for s in specs}
         jobs = [list(iter_jobs(pt)) for pt in tensors]
         behind = _FlushBehind(writer.tmp, _tensor_ends(specs, tensors), [len(j) for j in jobs])
+        left = [len(j) for j in jobs]
+
+        def job_done(f: cf.Future) -> None:
+            behind.job_done(f)
+            left[f.tensor_index] -= 1  # type: ignore[attr-defined]
+            if left[f.tensor_index] == 0:  # type: ignore[attr-defined]
+                self._tensors_done += 1
+                if self.tensor_progress:
+                    self.tensor_progress(self._tensors_done, len(self.plan.tensors))
         try:
             with cf.ThreadPoolExecutor(self.workers) as pool:
                 pending: set[cf.Future] = set()
@@ -238,8 +250,8 @@ class Converter:
                         f.tensor_index = t  # type: ignore[attr-defined]
                         pending.add(f)
                         if len(pending) >= 2 * self.workers:
-                            pending = self._drain(pending, cf.FIRST_COMPLETED, behind.job_done)
-                self._drain(pending, cf.ALL_COMPLETED, behind.job_done)
+                            pending = self._drain(pending, cf.FIRST_COMPLETED, job_done)
+                self._drain(pending, cf.ALL_COMPLETED, job_done)
             behind.finish(writer.size)
             path = writer.close()
         except BaseException:
@@ -290,6 +302,8 @@ class Converter:
                 (self.partial / f).stat().st_size for f in manifest["shards"] if (self.partial / f).exists()))
             self._done_bytes = sum(
                 sum(s.nbytes for s in self.plan.shards[i]) for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"])
+            finished = {s.name for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"] for s in self.plan.shards[i]}
+            self._tensors_done = sum(1 for pt in self.plan.tensors if all(p.name in finished for p in pt.parts))
             try:
                 with Checkpoint(self.plan.source) as ck:
                     for i, fname in enumerate(self.plan.shard_files):

@@ -1,24 +1,43 @@
-"""A progress bar over output bytes with throughput and ETA (rich), shown only on a terminal."""
+"""Progress over tensors and bytes with throughput and ETA (rich), shown only on a terminal."""
 
 from __future__ import annotations
 
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 
 class RichProgress:
-    def __init__(self, total: int, description: str):
+    """Two bars: tensors finished, and output bytes written (with MB/s and ETA)."""
+
+    def __init__(self, total_bytes: int, total_tensors: int, description: str):
+        self._tensors = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), transient=False)
         self._progress = Progress(
             TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn(),
             transient=False,
         )
-        self._task = self._progress.add_task(description, total=total)
+        from rich.console import Group
+        from rich.live import Live
+
+        self._live = Live(Group(self._tensors, self._progress), refresh_per_second=4)
+        self._tensor_task = self._tensors.add_task(f"{description}: tensors", total=total_tensors)
+        self._task = self._progress.add_task(f"{description}: bytes  ", total=total_bytes)
 
     def update(self, done: int, total: int) -> None:
         self._progress.update(self._task, completed=done, total=total)
 
+    def update_tensors(self, done: int, total: int) -> None:
+        self._tensors.update(self._tensor_task, completed=done, total=total)
+
     def __enter__(self) -> "RichProgress":
-        self._progress.start()
+        self._live.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._progress.stop()
+        self._live.stop()
