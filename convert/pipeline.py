@@ -131,20 +131,15 @@ class Converter:
 
     def _values(self, pt: PlannedTensor, parts: dict[str, np.ndarray], k: int, rows: tuple[int, int], dtype: np.dtype) -> np.ndarray:
         """Decoded rows rounded to `dtype` by the route's rounding rule."""
-        from fmtconv.formats.rounding import round_to_dtype
-
         g = pt.target.sources[k]
         fast = self._codec(g.codec).decode_to(parts, g, dtype=dtype, rows=rows)
         if fast is not None:  # the codec's table route: the same values as decode(...).to(dtype)
             return fast
         exact = self._codec(g.codec).decode(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[self.plan.compute_dtype]), rows=rows)
-        v = exact.values
-        if self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and v.dtype == np.float64:
-            # mlx_lm's deepseek_v3 sanitize: bf16(fp8) * float32 scale_inv in float32, cast to bfloat16;
-            # mlx_lm.convert then casts to the model dtype. Follow it so bundles match mlx_lm.convert.
-            v = round_to_dtype(round_to_dtype(v, np.dtype(np.float32)), COMPUTE_DTYPES["bfloat16"])
-            return round_to_dtype(v.astype(np.float32), dtype)
-        return exact.to(dtype)
+        # FP8 x float32 scale (not exact in float32): round as mlx_lm's sanitize + convert do, so bundles
+        # match mlx_lm.convert's; every other source is exact in float32 and is rounded once.
+        like_mlx_lm = self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and exact.values.dtype == np.float64
+        return exact.to(dtype, like_mlx_lm=like_mlx_lm)
 
     def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
         """Output part arrays (by output tensor name) for one job's rows."""

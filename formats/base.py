@@ -30,7 +30,7 @@ class Exact:
     def to(self, dtype: np.dtype | None = None, *, like_mlx_lm: bool = False) -> np.ndarray:
         """Round once, to nearest-even, to `dtype` (default: the compute dtype).
 
-        like_mlx_lm=True: round to float32 first, then to `dtype`, as mlx_lm's sanitize()
+        like_mlx_lm=True: round to float32, then bfloat16, then `dtype`, as mlx_lm's sanitize()
         does when it multiplies FP8 by a float32 scale (see formats/rounding.py).
         """
         from fmtconv.formats.rounding import round_like_mlx_lm, round_to_dtype

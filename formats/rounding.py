@@ -10,9 +10,10 @@ Round-to-odd to 24 bits keeps every tie decision of a later rounding to <= 22 bi
 rounding to odd", IEEE TC 2008), and bfloat16 has 8.
 
 `round_like_mlx_lm` is the mlx_lm-compatible path: mlx_lm's `sanitize()` dequantizes FP8
-by multiplying in float32 (`mx.from_fp8(...) * scale_inv`, float32 promotion) and then
-casting to the compute dtype (mlx_lm/models/deepseek_v3.py `Model.sanitize` `dequant`).
-That is two roundings: the exact product to float32, then float32 to the target dtype.
+by multiplying in float32 (`mx.from_fp8(...) * scale_inv`, float32 promotion) and casting
+the product to bfloat16 (mlx_lm/models/deepseek_v3.py `Model.sanitize` `dequant`), and
+`mlx_lm.convert` then casts to the model dtype (convert.py `set_dtype`): the exact product
+to float32, to bfloat16, then to the target dtype.
 Which route uses which is the converter's choice; the codecs' `Exact.to()` uses the single
 rounding, `Exact.to(dtype, like_mlx_lm=True)` the compatible one.
 """
@@ -65,6 +66,6 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def round_like_mlx_lm(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """mlx_lm-compatible: round the exact values to float32 first, then to `dtype` (two roundings)."""
+    """mlx_lm-compatible: the exact values to float32, then to bfloat16, then to `dtype`."""
     dtype = _check_target(dtype)
-    return np.asarray(values).astype(np.float32).astype(dtype)
+    return np.asarray(values).astype(np.float32).astype(BFLOAT16).astype(dtype)

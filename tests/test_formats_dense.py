@@ -60,3 +60,11 @@ def test_dense_decode_encode():
         codec.decode({"weight": np.zeros(3, np.int32)}, SourceGroup("ids", "dense", {}, (3,), {"dtype": "I32"}), compute_dtype=BF16)
     with pytest.raises(FmtconvError, match="rows"):
         codec.decode({"weight": w}, g, compute_dtype=BF16, rows=(4, 9))
+
+
+def test_mlx_lm_path_goes_through_bfloat16_for_every_model_dtype():
+    # mlx_lm's FP8 dequant casts to bfloat16, then mlx_lm.convert casts to the model dtype:
+    # 1 + 2^-9 survives in float16 directly but not via bfloat16.
+    x = np.array([1 + 2**-9])
+    assert round_like_mlx_lm(x, np.float16)[0] == np.float16(1.0)
+    assert round_to_dtype(x, np.float16)[0] == np.float16(1 + 2**-9)
