@@ -81,22 +81,21 @@ def iter_jobs(pt: PlannedTensor) -> Iterator[Job]:
         for k, g in enumerate(t.sources):
             yield Job(pt, k, 0, g.rows, k * out_per_src)
         return
+    mat, n_sel = 1, 1  # without a selection every source row is an output row
     if sel is None:
         step_rows = max(128, (BLOCK_ELEMENTS // max(last, 1)) // 128 * 128)
-        out_per_src = g0.rows
     else:  # blocks of whole matrices along axis -2, so the strided selection stays inside a block
         mat = g0.shape[-2]
         n_sel = len(range(*sel.indices(mat)))
         step_rows = mat * max(1, BLOCK_ELEMENTS // max(mat * last, 1))
-        out_per_src = (g0.rows // mat) * n_sel
+    out_per_src = g0.rows // mat * n_sel
     for k, g in enumerate(t.sources):
         for a in range(0, g.rows, step_rows):
-            b = min(g.rows, a + step_rows)
-            out = k * out_per_src + (a if sel is None else (a // g0.shape[-2]) * len(range(*sel.indices(g0.shape[-2]))))
-            yield Job(pt, k, a, b, out)
+            yield Job(pt, k, a, min(g.rows, a + step_rows), k * out_per_src + a // mat * n_sel)
 
 
-def _select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:
+def select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:
+    """The target's axis -2 selection applied to rows of whole source matrices (flattened to 2-D)."""
     sel = _row_slice(pt)
     if sel is None:
         return a
@@ -151,13 +150,13 @@ class Converter:
         module = pt.target.module
         if pt.route == PASSTHROUGH:
             raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
-            return {pt.target.name: _select_rows(raw, pt)}
+            return {pt.target.name: select_rows(raw, pt)}
         if pt.route == REPACK:
             rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=rows)
-            return {f"{module}.weight": _select_rows(rep["weight"], pt), f"{module}.scales": _select_rows(rep["scales"], pt)}
+            return {f"{module}.weight": select_rows(rep["weight"], pt), f"{module}.scales": select_rows(rep["scales"], pt)}
         if pt.route == EXACT_AFFINE:
             rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
-            return {f"{module}.{r}": _select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
+            return {f"{module}.{r}": select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
         if pt.route == REQUANT and pt.mode == "affine" and g.codec == "mxfp4" and pt.target.transform is None:
             fast = self._affine_from_mxfp4(pt, parts, job, dtype)
@@ -167,7 +166,7 @@ class Converter:
         if pt.target.transform is not None:
             v = pt.target.transform(v.reshape(g.shape))
             v = np.ascontiguousarray(v).reshape(-1, v.shape[-1])
-        v = _select_rows(v, pt)
+        v = select_rows(v, pt)
         if pt.route == CAST:
             return {pt.target.name: v}
         assert pt.route == REQUANT
@@ -184,8 +183,8 @@ class Converter:
 
         g = pt.target.sources[job.src]
         rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
-        packed = _select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
-        codes = _select_rows(np.asarray(rep["scales"]), pt)
+        packed = select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
+        codes = select_rows(np.asarray(rep["scales"]), pt)
         out = affine_quantize_mxfp4(packed, codes, pt.group_size, pt.bits, dtype=dtype, backend=self.plan.kernel_backend)
         if out is None:
             return None
@@ -227,12 +226,9 @@ class Converter:
         writers = {s.name: writer for s in specs}
         jobs = [list(iter_jobs(pt)) for pt in tensors]
         behind = _FlushBehind(writer.tmp, _tensor_ends(specs, tensors), [len(j) for j in jobs])
-        left = [len(j) for j in jobs]
 
         def job_done(f: cf.Future) -> None:
-            behind.job_done(f)
-            left[f.tensor_index] -= 1  # type: ignore[attr-defined]
-            if left[f.tensor_index] == 0:  # type: ignore[attr-defined]
+            if behind.job_done(f.tensor_index):  # type: ignore[attr-defined]
                 self._tensors_done += 1
                 if self.tensor_progress:
                     self.tensor_progress(self._tensors_done, len(self.plan.tensors))
@@ -286,15 +282,17 @@ class Converter:
     def run(self, *, overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         check_out_path(self.plan.source, self.out, overwrite)
-        if not self.partial.exists():  # a fresh run: refuse before creating anything
+        resuming = self.partial.exists()
+        if not resuming:  # refuse before creating anything
             check_disk_space(_existing_parent(self.partial), self.plan.total_bytes)
         self.partial.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         writing = self.partial
         try:
             manifest = self._load_manifest()
-            check_disk_space(self.partial, self.plan.total_bytes - sum(
-                (self.partial / f).stat().st_size for f in manifest["shards"] if (self.partial / f).exists()))
+            if resuming:  # only the shards still to write need room
+                check_disk_space(self.partial, self.plan.total_bytes - sum(
+                    (self.partial / f).stat().st_size for f in manifest["shards"] if (self.partial / f).exists()))
             self._done_bytes = sum(
                 sum(s.nbytes for s in self.plan.shards[i]) for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"])
             finished = {s.name for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"] for s in self.plan.shards[i]}
@@ -349,30 +347,26 @@ class Converter:
         fingerprint = self.plan.fingerprint()
         path = self.partial / MANIFEST
         fresh = {"fmtconv": __version__, "plan": fingerprint, "shards": {}}
-        if not path.exists():
-            for stale in self.partial.iterdir():
-                if stale.name != LOCK:
-                    _remove(stale)
-            return fresh
         try:
-            m = json.loads(path.read_text())
+            m = json.loads(path.read_text()) if path.exists() else {}
         except (OSError, json.JSONDecodeError):
             m = {}
-        if m.get("plan") != fingerprint:  # different work: start over
-            for stale in self.partial.iterdir():
-                if stale.name != LOCK:
-                    _remove(stale)
+        if m.get("plan") != fingerprint:  # no manifest, or different work: start over
+            self._clear_partial(keep={LOCK})
             return fresh
         good = {}
         for fname, digest in m.get("shards", {}).items():
             p = self.partial / fname
             if p.exists() and _sha256(p) == digest:
                 good[fname] = digest
-        for stale in self.partial.iterdir():  # unfinished shards (*.tmp) and anything unrecorded
-            if stale.name not in good and stale.name not in (MANIFEST, LOCK):
-                _remove(stale)
+        self._clear_partial(keep={MANIFEST, LOCK, *good})  # unfinished shards (*.tmp) and anything unrecorded
         m["shards"] = good
         return m
+
+    def _clear_partial(self, keep: set[str]) -> None:
+        for stale in self.partial.iterdir():
+            if stale.name not in keep:
+                _remove(stale)
 
     def _save_manifest(self, m: dict[str, Any]) -> None:
         tmp = self.partial / (MANIFEST + ".tmp")
@@ -427,14 +421,15 @@ class _FlushBehind:
         self._pos, self._next = 0, 0
         self._fd = os.open(path, os.O_RDONLY) if ends is not None else -1
 
-    def job_done(self, f: cf.Future) -> None:
-        if self.ends is None:
-            return
-        self.left[f.tensor_index] -= 1  # type: ignore[attr-defined]
-        while self._next < len(self.left) and self.left[self._next] == 0:
-            self._next += 1
-        if self._next:
-            self._advance(self.ends[self._next - 1])
+    def job_done(self, tensor: int) -> bool:
+        """Count one finished job of tensor `tensor`; True when that was its last."""
+        self.left[tensor] -= 1
+        if self.ends is not None:
+            while self._next < len(self.left) and self.left[self._next] == 0:
+                self._next += 1
+            if self._next:
+                self._advance(self.ends[self._next - 1])
+        return self.left[tensor] == 0
 
     def finish(self, size: int) -> None:
         if self.ends is not None:

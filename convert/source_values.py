@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fmtconv.convert.pipeline import select_rows
 from fmtconv.convert.plan import COMPUTE_DTYPES, Plan, PlannedTensor, build_plan, read_config
 from fmtconv.convert.recipes import recipe_from_dict
 from fmtconv.formats import get_codec
@@ -46,8 +47,7 @@ def source_rows(ck: Checkpoint, pt: PlannedTensor) -> SourceRows:
         mat = g.shape[-2]
         n_sel = len(range(*sel.indices(mat)))
         j0, j1 = la // n_sel, (lb - 1) // n_sel + 1
-        v = _decode(ck, pt, k, j0 * mat, j1 * mat).reshape(-1, mat, g.shape[-1])[:, sel, :].reshape(-1, g.shape[-1])
-        return v[la - j0 * n_sel : lb - j0 * n_sel]
+        return select_rows(_decode(ck, pt, k, j0 * mat, j1 * mat), pt)[la - j0 * n_sel : lb - j0 * n_sel]
 
     def fn(start: int, stop: int) -> np.ndarray:
         pieces = []
