@@ -21,7 +21,7 @@ from fmtconv.convert.bundle_check import module_pattern
 from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
 from fmtconv.convert.recipes import FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
-from fmtconv.formats.safetensors_io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, shard_names
+from fmtconv.formats.safetensors_io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, assign_shards, shard_names
 
 COMPUTE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
 _ST_NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -283,17 +283,7 @@ def build_plan(
         if s.name in seen:
             raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
         seen.add(s.name)
-    # Shard by planned tensor so a module's weight, scales and biases share a shard (cap as mlx_lm's make_shards).
-    shards: list[list[TensorSpec]] = []
-    size = 0
-    for p in kept:
-        if not p.parts:
-            continue
-        if not shards or size + p.nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].extend(p.parts)
-        size += p.nbytes
+    shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
     return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes)
 
 

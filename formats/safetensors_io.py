@@ -14,7 +14,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -446,16 +446,18 @@ def shard_names(count: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
 
 
-def assign_shards(specs: list[TensorSpec], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[TensorSpec]]:
-    """Split tensors into shards in order, as mlx_lm.utils.make_shards does (an oversize tensor gets its own)."""
+def assign_shards(units: Iterable[Sequence[TensorSpec]], max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[list[TensorSpec]]:
+    """Split tensors into shards in order, as mlx_lm.utils.make_shards does (an oversize unit gets its own);
+    the tensors of one unit (e.g. a module's weight, scales and biases) always share a shard."""
     shards: list[list[TensorSpec]] = []
     size = 0
-    for s in specs:
-        if not shards or size + s.nbytes > max_shard_bytes:
+    for unit in units:
+        n = sum(s.nbytes for s in unit)
+        if not shards or size + n > max_shard_bytes:
             shards.append([])
             size = 0
-        shards[-1].append(s)
-        size += s.nbytes
+        shards[-1].extend(unit)
+        size += n
     return shards
 
 
@@ -482,7 +484,7 @@ def save_sharded(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = [TensorSpec.of(n, a) for n, a in tensors.items()]
-    groups = assign_shards(specs, max_shard_bytes)
+    groups = assign_shards([[s] for s in specs], max_shard_bytes)
     names = shard_names(len(groups))
     meta = {"format": "mlx"} if metadata is None else dict(metadata)
     weight_map: dict[str, str] = {}
