@@ -9,15 +9,8 @@ import sys
 from collections.abc import Sequence
 
 from fmtconv import __version__
+from fmtconv.convert.units import human_bytes
 from fmtconv.errors import FmtconvError
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _console():
@@ -41,13 +34,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
     for g in report["groups"]:
         for k, p in enumerate(g["parts"]):
-            table.add_row(g["group"] if k == 0 else "", p["name"], p["dtype"], str(tuple(p["shape"])), _human(p["bytes"]))
+            table.add_row(g["group"] if k == 0 else "", p["name"], p["dtype"], str(tuple(p["shape"])), human_bytes(p["bytes"]))
     console = _console()
     console.print(table)
     s = report["summary"]
-    console.print(f"{s['tensors']} tensors in {s['groups']} groups, {_human(s['bytes'])}")
+    console.print(f"{s['tensors']} tensors in {s['groups']} groups, {human_bytes(s['bytes'])}")
     for dtype, d in s["by_dtype"].items():
-        console.print(f"  {dtype:8s} {d['tensors']:6d} tensors  {_human(d['bytes'])}")
+        console.print(f"  {dtype:8s} {d['tensors']:6d} tensors  {human_bytes(d['bytes'])}")
     return 0
 
 
@@ -101,9 +94,9 @@ def _print_plan(p, console) -> None:
     for r in p.table():
         quant = r["mode"] != "dense"
         table.add_row(r["pattern"], r["mode"], str(r["bits"]) if quant else "-", str(r["group_size"]) if quant else "-",
-                      r["dtype"], r["route"], str(r["count"]), f"{r['params']:,}", _human(r["bytes"]))
+                      r["dtype"], r["route"], str(r["count"]), f"{r['params']:,}", human_bytes(r["bytes"]))
     console.print(table)
-    console.print(f"total {_human(p.total_bytes)} in {len(p.shards)} shard(s) from {_human(p.source_bytes)}; "
+    console.print(f"total {human_bytes(p.total_bytes)} in {len(p.shards)} shard(s) from {human_bytes(p.source_bytes)}; "
                   f"{p.total_params:,} parameters, {p.bits_per_weight:.3f} bits per weight")
     for label, n in sorted(p.bit_distribution().items()):
         console.print(f"  {label:18s} {n / max(p.total_params, 1):7.2%} of parameters")
@@ -140,7 +133,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     elif not args.quiet:
         console = _console()
         console.print(f"wrote {result['output']}: {result['tensors']} tensors in {result['shards']} shard(s), "
-                      f"{_human(result['bytes_in'])} in -> {_human(result['bytes_out'])} out, "
+                      f"{human_bytes(result['bytes_in'])} in -> {human_bytes(result['bytes_out'])} out, "
                       f"{result['bits_per_weight']:.3f} bits per weight, {result['wall_s']:.1f} s "
                       f"({(result['params_per_s'] or 0) / 1e6:.1f} Mparam/s)")
         for w in result["warnings"]:

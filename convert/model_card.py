@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtconv import __version__
+from fmtconv.convert.units import human_bytes
 from fmtconv.convert.verify import ModuleEntry, bundle_modules, open_bundle, pattern_table, quant_block
 from fmtconv.formats.safetensors_io import TensorInfo
 
@@ -52,14 +53,6 @@ def files_info(out_dir: str | Path) -> FilesInfo:
         return FilesInfo({k: v for k, v in b.file_sizes().items() if k != README}, dict(b.tensors))
     finally:
         b.close()
-
-
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _human_count(n: int) -> str:
@@ -135,8 +128,8 @@ def render_model_card(
     out += [f"This MLX bundle was converted from {src_txt}{rev_txt} by fmtconv {__version__}{recipe_txt}.", ""]
 
     out += ["| | |", "|---|---|",
-            f"| Size on disk | {_human_bytes(files_info.shard_bytes)} in {files_info.shards} shard(s) "
-            f"({_human_bytes(files_info.total_bytes)} with side files) |",
+            f"| Size on disk | {human_bytes(files_info.shard_bytes)} in {files_info.shards} shard(s) "
+            f"({human_bytes(files_info.total_bytes)} with side files) |",
             f"| Parameters | {_human_count(params)} ({params}) |",
             f"| Effective bits per weight | {bpw:.3f} |"]
     if default is not None:
@@ -156,7 +149,7 @@ def render_model_card(
         k = (r["pattern"], r["mode"], r["bits"], r["group_size"], r["dtype"])
         out.append(f"| `{r['pattern']}` | {r['mode']} | {r['bits'] if r['bits'] is not None else ''} | "
                    f"{r['group_size'] if r['group_size'] is not None else ''} | {r['dtype']} | {layers.get(k, '')} | "
-                   f"{r['count']} | {_human_count(r['params'])} | {_human_bytes(r['bytes'])} |")
+                   f"{r['count']} | {_human_count(r['params'])} | {human_bytes(r['bytes'])} |")
     out.append("")
 
     dist: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -165,7 +158,7 @@ def render_model_card(
         dist[e.label][1] += e.nbytes
     out += ["## Bit distribution", "", "| Precision | Parameters | Share | Size |", "|---|---:|---:|---:|"]
     for label, (p, b) in sorted(dist.items(), key=lambda kv: -kv[1][0]):
-        out.append(f"| {label} | {_human_count(p)} | {100 * p / params if params else 0:.1f}% | {_human_bytes(b)} |")
+        out.append(f"| {label} | {_human_count(p)} | {100 * p / params if params else 0:.1f}% | {human_bytes(b)} |")
     out.append("")
 
     out += ["## Verification", ""]

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from fmtconv import __version__
@@ -21,10 +20,13 @@ from fmtconv.convert.bundle_check import module_pattern
 from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
 from fmtconv.convert.recipes import FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
+from fmtconv.formats import rounding
+from fmtconv.formats.dtypes import dtype_name_for
 from fmtconv.formats.safetensors_io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, assign_shards, shard_names
 
-COMPUTE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
-_ST_NAME = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+COMPUTE_DTYPES = {d.name: d for d in rounding.COMPUTE_DTYPES}  # "bfloat16" / "float16" / "float32" -> dtype
+_ST_NAME = {name: dtype_name_for(d) for name, d in COMPUTE_DTYPES.items()}  # -> safetensors "BF16" / ...
+_FROM_ST_NAME = {st: name for name, st in _ST_NAME.items()}
 # Source codecs whose stored tensors are plain floats (a passthrough is a byte copy).
 _DENSE_CODEC = "dense"
 
@@ -304,7 +306,7 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
         out = rule.dtype if rule is not None and rule.mode == "dense" else dtype
         src_st = stored.get(next(iter(t.sources[0].parts.values()))) if codec == _DENSE_CODEC else None
         if (rule is None or rule.mode == "keep") and layout.keeps_source_dtype(t.name) and src_st in _ST_NAME.values():
-            out = {v: k for k, v in _ST_NAME.items()}[src_st]  # the runtime keeps it uncast (cast_predicate)
+            out = _FROM_ST_NAME[src_st]  # the runtime keeps it uncast (cast_predicate)
         route = PASSTHROUGH if (src_st == _ST_NAME[out] and t.transform is None) else CAST
         return PlannedTensor(t, route, "dense", None, None, out, codec, shape, [TensorSpec(t.name, _ST_NAME[out], shape)], rule_desc or "keep")
     bits, group = rule.bits, rule.group_size
