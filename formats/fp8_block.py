@@ -39,6 +39,7 @@ from fmtconv.formats.parts import (
 from fmtconv.formats.registry import register_codec
 from fmtconv.formats.rounding import to_float32_odd
 from fmtconv.kernels_ref import E4M3_MAX, e4m3_decode, e4m3_encode, e8m0_decode
+from fmtconv.kernels_ref.tables import ceil_log2_ratio
 
 DEFAULT_BLOCK = (128, 128)
 _FLOAT_SCALES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
@@ -187,8 +188,9 @@ class Fp8BlockCodec(Codec):
             np.maximum.at(amax, (srows[:, None], cols[None, :]), np.abs(v2))
             amax = np.maximum(amax, 1e-4)
             if scale_kind == "e8m0":
-                sc64 = np.ldexp(1.0, np.ceil(np.log2(amax / E4M3_MAX)).astype(np.int64))
-                stored = (np.log2(sc64) + 127).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
+                k = ceil_log2_ratio(amax, E4M3_MAX)
+                sc64 = np.ldexp(1.0, k)
+                stored = (k + 127).astype(np.uint8).view(ml_dtypes.float8_e8m0fnu)
             else:
                 sc64 = (amax / E4M3_MAX).astype(np.float32).astype(np.float64)
                 stored = sc64.astype(np.float32)

@@ -42,6 +42,7 @@ from fmtconv.formats.parts import (
 from fmtconv.formats.registry import register_codec
 from fmtconv.formats.rounding import round_to_dtype, to_float32_odd
 from fmtconv.kernels_ref import E2M1_VALUES, e2m1_encode, e8m0_decode, pack_fp4, unpack_fp4
+from fmtconv.kernels_ref.tables import ceil_log2_ratio, floor_log2
 
 GROUP = 32  # OCP MX v1.0 sec. 5: block size 32
 LAYOUTS = ("deepseek_v4", "gpt_oss", "compressed_tensors", "mlx")
@@ -179,13 +180,12 @@ class Mxfp4Codec(Codec):
     def choose_scales(x: np.ndarray, *, deepseek: bool) -> np.ndarray:
         """E8M0 codes for groups x (..., 32) as the producer picks them (float64 in, uint8 out)."""
         amax = np.abs(x).max(axis=-1)
-        with np.errstate(divide="ignore"):
-            if deepseek:
-                # DeepSeek-V4 inference/kernel.py fp4_quant_kernel: amax >= 6*2^-126, scale = 2^ceil(log2(amax/6))
-                e = np.ceil(np.log2(np.maximum(amax, 6 * 2.0**-126) / 6.0))
-            else:
-                # OCP MX v1.0 sec. 6.3: shared_exp = floor(log2(amax)) - emax_elem; zero groups get 2^-127
-                e = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - _E2M1_EMAX, -127)
+        if deepseek:
+            # DeepSeek-V4 inference/kernel.py fp4_quant_kernel: amax >= 6*2^-126, scale = 2^ceil(log2(amax/6))
+            e = ceil_log2_ratio(np.maximum(amax, 6 * 2.0**-126), 6.0)
+        else:
+            # OCP MX v1.0 sec. 6.3: shared_exp = floor(log2(amax)) - emax_elem; zero groups get 2^-127
+            e = np.where(amax > 0, floor_log2(np.where(amax > 0, amax, 1.0)) - _E2M1_EMAX, -127)
         return (np.clip(e, -127, 127) + 127).astype(np.uint8)
 
     @staticmethod

@@ -1,10 +1,11 @@
 """Rounding exact values to a model's compute dtype: once (fmtconv's default) or as mlx_lm does.
 
 `round_to_dtype` rounds float32/float64 values ONCE, to nearest with ties to even, to
-bfloat16, float16 or float32.  NumPy's float64->float16 and float64/float32->float32 casts
-are single roundings already.  ml_dtypes' float64->bfloat16 cast is not: it goes through
-float32 and rounds twice (1 + 2^-8 + 2^-30 becomes 1.0 instead of 1 + 2^-7; pinned in
-tests/test_formats_rounding.py), so float64 sources take a round-to-odd float32 step first.
+bfloat16, float16 or float32.  float64 sources take a round-to-odd float32 step first, then
+one float32 -> target cast (IEEE round-to-nearest-even in NumPy and ml_dtypes alike).  This
+does not depend on how a library casts float64 directly: ml_dtypes before 0.7 went through
+float32 and rounded twice (1 + 2^-8 + 2^-30 became 1.0 instead of 1 + 2^-7), 0.7 rounds once;
+tests/test_formats_dense.py checks the result against exact rationals under both behaviours.
 Round-to-odd to 24 bits keeps every tie decision of a later rounding to <= 22 bits intact
 (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using
 rounding to odd", IEEE TC 2008), and bfloat16 has 8.
@@ -60,7 +61,7 @@ def round_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
         return v
     if v.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
         v = v.astype(np.float64)  # bf16/f16 inputs widen exactly
-    if dtype == BFLOAT16 and v.dtype == np.float64:
+    if dtype != np.float32 and v.dtype == np.float64:
         v = to_float32_odd(v)
     return v.astype(dtype)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from .rounding import round_half_away
-
 # OCP MX v1.0 sec. 5.3.3 / MLX mlx/backend/cpu/quantized.cpp FP4_LUT: code = sign(1)|exp(2)|mant(1).
 E2M1_VALUES = np.array(
     [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
@@ -111,30 +109,62 @@ def e8m0_decode(codes: np.ndarray, *, like_mlx: bool = False) -> np.ndarray:
     return out.astype(np.float32)
 
 
+# Exponent decisions (E8M0 scales) are made on the float's own exponent and significand
+# (np.frexp is exact for every finite float32/float64), never through a float log2, whose last
+# bit depends on the platform's libm / SIMD build (NumPy 2.4.6: log2(float32(1.4142135)) == 0.5).
+_SQRT_HALF = 0.7071067811865476  # the float64 nearest sqrt(1/2); it lies above it (tested with Fractions)
+
+
+def floor_log2(x: np.ndarray) -> np.ndarray:
+    """Exact largest integer k with 2^k <= x, for finite x > 0 (float32 or float64)."""
+    _, e = np.frexp(np.asarray(x))
+    return (e - 1).astype(np.int32)
+
+
 def ceil_log2(x: np.ndarray) -> np.ndarray:
-    """Exact smallest integer k with 2^k >= x for finite x > 0 (from the float's bits, no log2)."""
-    m, e = np.frexp(np.asarray(x, dtype=np.float32))
+    """Exact smallest integer k with 2^k >= x, for finite x > 0 (float32 or float64)."""
+    m, e = np.frexp(np.asarray(x))
     return np.where(m == 0.5, e - 1, e).astype(np.int32)
 
 
+def round_log2(x: np.ndarray) -> np.ndarray:
+    """Exact nearest integer to log2(x), for finite x > 0.  Never a tie: 2^(k+1/2) is irrational.
+
+    With x = m 2^e, m in [1/2, 1): log2(x) rounds up to e exactly when m > sqrt(1/2).
+    """
+    m, e = np.frexp(np.asarray(x))
+    up = m.astype(np.float64) >= _SQRT_HALF  # in float64: m == _SQRT_HALF is above sqrt(1/2) too
+    return np.where(up, e, e - 1).astype(np.int32)
+
+
+def ceil_log2_ratio(num: np.ndarray, den: float) -> np.ndarray:
+    """Exact smallest integer k with den * 2^k >= num (num, den > 0): ceil(log2(num/den)) without dividing."""
+    num = np.asarray(num, dtype=np.float64)
+    k = ceil_log2(num) - floor_log2(np.float64(den)) - 1  # num/den lies in (2^(k-1), 2^(k+1)]
+    return (k + (np.ldexp(np.float64(den), k) < num)).astype(np.int32)
+
+
 def e8m0_encode(x: np.ndarray, *, rounding: str = "up") -> np.ndarray:
-    """Positive float scale -> E8M0 code as MLX's GPU kernels compute it.
+    """Positive float scale -> E8M0 code as MLX's GPU kernels compute it, decided exactly.
 
     rounding="up" (MLX 0.32.4 metal/kernels/fp8.h mx_scale_round_up, used by fp_quantize; CUDA
-    rounds up the same way): the smallest 2^k >= x, k clamped to [-127, 127]; zero -> 0.
-    rounding="nearest" (metal/kernels/fp8.h fp8_e8m0 constructor alone):
-    clamp(round_half_away(log2(x)), -127, 127).  Both: non-finite -> 255, negative -> 0.
+    rounds up the same way): the smallest 2^k >= x, k clamped to [-127, 127]; zero -> 0.  Metal
+    gets there as round(log2(x)) plus one step when the result decodes below x; an error of
+    metal::log2 would have to reach 0.5 to change that, so no input depends on the platform's
+    libm (tested against live MLX at powers of two and at sqrt(2) 2^k, where it is tightest).
+    rounding="nearest" (metal/kernels/fp8.h fp8_e8m0 constructor alone, clamp(round(log2(x)),
+    -127, 127)): here the exactly nearest exponent.  Metal's log2 is not correctly rounded, so on a
+    Mac floats within a few ulp of sqrt(2) 2^k may round the other way; no MLX 0.32.4 quantizer
+    uses this rounding (only the round-up above), and fmtconv's conversions never do.
+    Both: non-finite -> 255, negative -> 0.
     """
     x = np.asarray(x, dtype=np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if rounding == "up":
-            n = np.where(x > 0, ceil_log2(np.where(x > 0, x, np.float32(1))), -127).astype(np.float32)
-        elif rounding == "nearest":
-            n = round_half_away(np.log2(x))
-        else:
-            raise ValueError(f"rounding must be 'up' or 'nearest', got {rounding!r}")
-    n = np.clip(np.nan_to_num(n, nan=0.0, neginf=-127.0, posinf=127.0), -127, 127)
+    if rounding not in ("up", "nearest"):
+        raise ValueError(f"rounding must be 'up' or 'nearest', got {rounding!r}")
+    pos = np.isfinite(x) & (x > 0)
+    safe = np.where(pos, x, np.float32(1))
+    n = ceil_log2(safe) if rounding == "up" else round_log2(safe)
+    n = np.where(pos, np.clip(n, -127, 127), -127)
     out = (n + 127).astype(np.uint8)
-    out = np.where(x < 0, np.uint8(0), out)
     out = np.where(~np.isfinite(x), np.uint8(255), out)
     return out.astype(np.uint8)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from fmtconv.errors import FmtconvError
 from fmtconv.formats import SourceGroup, get_codec
-from fmtconv.formats.rounding import round_like_mlx_lm, round_to_dtype
+from fmtconv.formats.rounding import round_like_mlx_lm, round_to_dtype, to_float32_odd
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -32,12 +32,37 @@ def nearest_even_bf16(x: float) -> int:
     return best[1]
 
 
-def test_ml_dtypes_float64_to_bfloat16_rounds_twice_and_we_do_not():
-    x = np.array([1 + 2**-8 + 2**-30])  # above the midpoint 1 + 2^-8, which float32 rounds onto
-    assert x.astype(BF16).astype(np.float64)[0] == 1.0  # ml_dtypes: via float32, twice
-    assert round_to_dtype(x, BF16).astype(np.float64)[0] == 1 + 2**-7
-    assert round_like_mlx_lm(x, BF16).astype(np.float64)[0] == 1.0  # mlx_lm's float32-first path
+def nearest_even_f16(x: float) -> float:
+    """Reference: the float16 nearest to x by exact rational distance, ties to the even significand."""
+    c = np.float16(np.float32(x))
+    cands = [c, np.nextafter(c, np.float16(np.inf)), np.nextafter(c, np.float16(-np.inf))]
+    return float(min(cands, key=lambda v: (abs(Fraction(float(v)) - Fraction(x)), int(np.array([v]).view(np.uint16)[0]) & 1)))
+
+
+# Float64 values just off a bfloat16/float16 midpoint, where rounding via float32 first lands on
+# the midpoint and then goes to even: the double-rounding trap.
+NEAR_MIDPOINTS = [1 + 2**-8 + 2**-30, 1 + 2**-8 - 2**-30, -(3 + 2**-7 + 2**-35), 1 + 3 * 2**-8 - 2**-31, 2**-130 * (1 + 2**-8 + 2**-40)]
+
+
+def test_round_to_bfloat16_is_exact_under_either_float64_cast():
+    """ml_dtypes < 0.7 cast float64 -> bfloat16 via float32 (two roundings), 0.7 rounds once.  fmtconv's
+    round-to-odd float32 step gives the exactly nearest bfloat16 under both behaviours."""
+    x = np.array(NEAR_MIDPOINTS)
+    want = [nearest_even_bf16(v) for v in x]
+    assert round_to_dtype(x, BF16).view(np.uint16).tolist() == want
+    odd = to_float32_odd(x)
+    via_float32 = odd.astype(np.float32).astype(BF16)  # the old two-step cast, applied to the odd float32
+    single = [nearest_even_bf16(float(v)) for v in odd]  # a single rounding of the odd float32
+    assert via_float32.view(np.uint16).tolist() == want and single == want
+    assert [nearest_even_bf16(float(np.float32(v))) for v in x] != want  # rounding via plain float32 would be wrong
+
+
+def test_round_to_float16_and_the_mlx_lm_path():
     assert round_to_dtype(np.array([1 + 2**-11 + 2**-40]), np.float16)[0] == np.float16(1 + 2**-10)
+    x = np.array(NEAR_MIDPOINTS[:4])
+    assert [float(v) for v in round_to_dtype(x, np.float16)] == [nearest_even_f16(v) for v in x]
+    # mlx_lm's path rounds to float32 first, on purpose: 1 + 2^-8 + 2^-30 -> 1 + 2^-8 -> 1.0 in bfloat16.
+    assert round_like_mlx_lm(np.array([1 + 2**-8 + 2**-30]), BF16).astype(np.float64)[0] == 1.0
 
 
 @settings(max_examples=300, deadline=None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import ml_dtypes
 import numpy as np
@@ -12,6 +13,8 @@ from hypothesis import strategies as st
 
 import mlx.core as mx
 from fmtconv.errors import FmtconvError
+from fmtconv.kernels_ref import tables
+from fmtconv.kernels_ref.tables import ceil_log2, ceil_log2_ratio, floor_log2, round_log2
 from fmtconv.kernels_ref import (
     E2M1_VALUES,
     e2m1_decode,
@@ -65,7 +68,84 @@ def test_e8m0():
     assert math.isnan(e8m0_decode(np.array([255], np.uint8))[0])
     x = np.array([0, 1, 1.5, 2, 2.0000002, 2.0**-140, 1e38, np.inf, -1], np.float32)
     assert e8m0_encode(x).tolist() == [0, 127, 128, 128, 129, 0, 254, 255, 0]
-    assert e8m0_encode(np.array([1.4142135, 1.5], np.float32), rounding="nearest").tolist() == [127, 128]
+    # float32(1.4142135) lies below sqrt(2), so its log2 rounds to 0 (a float32 log2 may say 0.5).
+    assert e8m0_encode(np.array([1.4142135, 1.4142137, 1.5], np.float32), rounding="nearest").tolist() == [127, 128, 128]
+
+
+def exact_floor_log2(x: Fraction) -> int:
+    """floor(log2(x)) of a positive rational, by integer comparisons only."""
+    k = x.numerator.bit_length() - x.denominator.bit_length()
+    while Fraction(2) ** k > x:
+        k -= 1
+    while Fraction(2) ** (k + 1) <= x:
+        k += 1
+    return k
+
+
+def exact_e8m0(x: float, rounding: str) -> int:
+    """The E8M0 code from the rational value of x: smallest 2^k >= x, or the k nearest log2(x) (x^2 vs 2^(2k+1))."""
+    f = Fraction(float(x))
+    k = exact_floor_log2(f)
+    if rounding == "up":
+        k += Fraction(2) ** k < f
+    else:
+        k += f * f > Fraction(2) ** (2 * k + 1)
+    return max(-127, min(127, k)) + 127
+
+
+def tie_sensitive_floats(dtype) -> np.ndarray:
+    """Floats at and a few ulp around 2^k and sqrt(2) 2^k, where a float log2 decides wrongly."""
+    out = []
+    for k in range(-126, 127, 3):
+        for c in (2.0**k, math.sqrt(2) * 2.0**k):
+            v = dtype(c)
+            if not np.isfinite(v) or v == 0:
+                continue
+            out.append(v)
+            lo = hi = v
+            for _ in range(4):
+                lo, hi = np.nextafter(lo, dtype(0)), np.nextafter(hi, dtype(np.inf))
+                out += [lo, hi]
+    return np.array([v for v in out if np.isfinite(v) and v > 0], dtype)
+
+
+@pytest.mark.parametrize("rounding", ["up", "nearest"])
+def test_e8m0_encode_is_exact_at_every_tie_sensitive_float(rounding):
+    x = tie_sensitive_floats(np.float32)
+    got = e8m0_encode(x, rounding=rounding)
+    assert got.tolist() == [exact_e8m0(v, rounding) for v in x]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_exponent_helpers_are_exact(dtype):
+    x = tie_sensitive_floats(dtype)
+    assert floor_log2(x).tolist() == [exact_floor_log2(Fraction(float(v))) for v in x]
+    for v, c, r in zip(x, ceil_log2(x), round_log2(x)):
+        f, k = Fraction(float(v)), exact_floor_log2(Fraction(float(v)))
+        assert c == k + (Fraction(2) ** k < f)
+        assert r == k + (f * f > Fraction(2) ** (2 * k + 1))
+    for den in (6.0, 448.0, 0.75):
+        for v, k in zip(x, ceil_log2_ratio(x, den)):
+            q = Fraction(float(v)) / Fraction(den)
+            assert Fraction(2) ** (int(k) - 1) < q <= Fraction(2) ** int(k)
+    assert Fraction(tables._SQRT_HALF) ** 2 > Fraction(1, 2)  # so m == _SQRT_HALF rounds up
+    assert np.nextafter(tables._SQRT_HALF, 0) ** 2 < 0.5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_mxfp4_scales_match_live_mlx_at_tie_sensitive_amax(dtype):
+    """amax/6 at and around 2^k and sqrt(2) 2^k: the scale MLX 0.32.4 picks on the CPU, byte for byte."""
+    np_dt = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
+    amax = tie_sensitive_floats(np.float32).astype(np.float64) * 6
+    amax = amax[(amax > 2.0**-100) & (amax < 2.0**100)]
+    if dtype == "float16":
+        amax = amax[(amax > 2.0**-10) & (amax < 6e4)]
+    w = np.zeros((amax.size, 32), np.float64)
+    w[:, 0], w[:, 5], w[:, 31] = amax, -amax / 3, amax / 7
+    w = w.astype(np.float32).astype(np_dt)
+    wq, s = fp_quantize(w, "mxfp4", backend="cpu")
+    live_wq, live_s = mx.quantize(mx.array(w.astype(np.float32)).astype(getattr(mx, dtype)), mode="mxfp4")
+    assert same_bytes(s, np.array(live_s)) and same_bytes(wq, np.array(live_wq))
 
 
 # ---------------------------------------------------------------- modes vs MLX (CPU)
@@ -141,7 +221,7 @@ def metal_fp_quantize_plain(w: np.ndarray, mode: str, global_scale: float | None
         if global_scale is not None:
             s = f32(s * scale_enc)
         if gs == 32:  # fp8_e8m0(x), then mx_scale_round_up
-            n = -127 if s == 0 else max(-127, min(127, int(math.copysign(math.floor(abs(math.log2(s)) + 0.5), math.log2(s)))))
+            n = -127 if s == 0 else exact_e8m0(s, "nearest") - 127  # round(log2(s)), decided exactly
             if n < 127 and 2.0**n < s:
                 n += 1
             q_scale, dec = n + 127, f32(2.0**n)
