@@ -104,7 +104,7 @@ def resolve_source(
 
 
 def _download(repo_id: str, where: str, **kw: Any) -> Path:
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import is_offline_mode, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HFValidationError,
@@ -115,7 +115,9 @@ def _download(repo_id: str, where: str, **kw: Any) -> Path:
     )
 
     try:
-        return Path(snapshot_download(repo_id, repo_type="model", **kw))
+        # Offline, say so explicitly: huggingface_hub 1.x lists the repo tree for a commit-hash revision
+        # unless local_files_only is set, and fails offline even with a complete cache.
+        return Path(snapshot_download(repo_id, repo_type="model", local_files_only=is_offline_mode(), **kw))
     except GatedRepoError as e:
         raise FmtconvError(f"{where} is gated: accept its licence on the hub and log in (hf auth login) ({e})") from None
     except RepositoryNotFoundError as e:

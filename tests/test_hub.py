@@ -131,8 +131,8 @@ def test_online_download_asks_only_for_needed_files(tmp_path, monkeypatch):
     repo = _repo_files(tmp_path)
     calls = []
 
-    def stand_in(repo_id, *, repo_type, revision, cache_dir, allow_patterns, ignore_patterns, token):
-        assert (repo_id, repo_type) == (REPO, "model")
+    def stand_in(repo_id, *, repo_type, revision, cache_dir, allow_patterns, ignore_patterns, token, local_files_only):
+        assert (repo_id, repo_type, local_files_only) == (REPO, "model", False)
         picked = list(filter_repo_objects(repo, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
         calls.append((revision, sorted(picked)))
         return str(fill_cache(Path(cache_dir), repo_id, COMMIT, {f: repo[f] for f in picked}))
