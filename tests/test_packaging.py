@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -50,3 +52,35 @@ def test_regular_wheel_holds_only_fmtconv(tmp_path: Path) -> None:
         assert mod in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fmtconv = fmtconv.convert.cli:main" in entry
+
+
+def _lower_bounds(requirements: list[str]) -> dict[str, tuple[str, str]]:
+    """name -> (minimum version, environment marker) for every `name[extra]>=v; marker` line."""
+    out = {}
+    for req in requirements:
+        spec, _, marker = req.partition(";")
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*>=\s*([^,\s]+)\s*", spec)
+        assert m, f"pyproject.toml: {req!r} is not of the form name>=version"
+        out[_normal(m.group(1))] = (m.group(2), " ".join(marker.replace('"', "'").split()))
+    return out
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_minimum_versions_file_equals_the_pyproject_pins() -> None:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = {}
+    for reqs in (meta["dependencies"], meta["optional-dependencies"]["test"]):
+        for name, (version, marker) in _lower_bounds(reqs).items():
+            # mlx is declared per platform (mlx / mlx[cpu]) with one minimum: one pin serves both.
+            declared[name] = (version, "" if name == "mlx" else marker)
+    pinned = {}
+    for line in (ROOT / ".ci" / "constraints-min.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            spec, _, marker = line.partition(";")
+            name, version = (s.strip() for s in spec.split("=="))
+            pinned[_normal(name)] = (version, " ".join(marker.replace('"', "'").split()))
+    assert pinned == declared
