@@ -1,4 +1,4 @@
-"""The three root folders install under the one import name `fmtconv`, and nothing lands bare."""
+"""The root code folders install under the one import name `fmtconv`, and nothing lands bare."""
 
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_editable_install_maps_the_root_folders() -> None:
     import fmtconv.convert
     import fmtconv.formats
+    import fmtconv.kernels
     import fmtconv.kernels_ref
 
-    for mod, folder in ((fmtconv.convert, "convert"), (fmtconv.formats, "formats"), (fmtconv.kernels_ref, "kernels_ref")):
+    for mod, folder in ((fmtconv.convert, "convert"), (fmtconv.formats, "formats"), (fmtconv.kernels, "kernels"),
+                        (fmtconv.kernels_ref, "kernels_ref")):
         assert Path(mod.__file__).resolve().parent.name == folder
-    for bare in ("convert", "formats", "kernels_ref"):
+    for bare in ("convert", "formats", "kernels", "kernels_ref"):
         spec = importlib.util.find_spec(bare)
         assert spec is None or ROOT in Path(spec.origin or "/").resolve().parents
 
@@ -48,7 +50,7 @@ def test_regular_wheel_holds_only_fmtconv(tmp_path: Path) -> None:
     top = {n.split("/")[0] for n in names}
     assert top == {"fmtconv", next(t for t in top if t.endswith(".dist-info"))}
     for mod in ("fmtconv/convert/cli.py", "fmtconv/convert/layouts/deepseek_v4.py", "fmtconv/formats/mxfp4.py",
-                "fmtconv/kernels_ref/affine.py", "fmtconv/errors.py"):
+                "fmtconv/kernels_ref/affine.py", "fmtconv/kernels/mxfp4.py", "fmtconv/errors.py"):
         assert mod in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fmtconv = fmtconv.convert.cli:main" in entry

@@ -1,0 +1,88 @@
+"""The switch between the compiled kernels and kernels_ref, and the warm-up that keeps JIT time out of the hot loop."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import ml_dtypes
+import numpy as np
+
+from fmtconv import kernels_ref
+from fmtconv.kernels_ref import packing, table_driven
+
+from ._jit import HAVE_NUMBA
+
+KERNELS_ENV = "FMTCONV_KERNELS"  # "compiled" (default) or "reference"
+_warm_lock = threading.Lock()
+_warm = False
+
+
+def compiled() -> bool:
+    """Whether the compiled kernels run (numba present and FMTCONV_KERNELS is not "reference")."""
+    choice = os.environ.get(KERNELS_ENV, "compiled").strip().lower()
+    if choice not in ("compiled", "reference"):
+        from fmtconv.errors import FmtconvError
+
+        raise FmtconvError(f"{KERNELS_ENV} must be 'compiled' or 'reference', got {choice!r}")
+    return HAVE_NUMBA and choice == "compiled"
+
+
+def affine_quantize(w: np.ndarray, group_size: int = 64, bits: int = 4, *, backend: str = "metal", name: str | None = None):
+    """kernels_ref.affine_quantize's contract and bytes: (wq uint32, scales, biases in w's dtype)."""
+    if not compiled():
+        return kernels_ref.affine_quantize(w, group_size, bits, backend=backend, name=name)
+    from .affine import affine_quantize as fast
+
+    return fast(w, group_size, bits, backend=backend, name=name)
+
+
+def affine_quantize_mxfp4(packed: np.ndarray, scale_codes: np.ndarray, group_size: int = 64, bits: int = 4, *,
+                          dtype: np.dtype, backend: str = "metal"):
+    """kernels_ref.table_driven.affine_quantize_mxfp4's contract and bytes (None: take the float path)."""
+    if not compiled():
+        return table_driven.affine_quantize_mxfp4(packed, scale_codes, group_size, bits, dtype=dtype, backend=backend)
+    from .mxfp4 import affine_quantize_mxfp4 as fast
+
+    return fast(packed, scale_codes, group_size, bits, dtype=dtype, backend=backend)
+
+
+def affine_quantize_fp8(codes: np.ndarray, scale: np.ndarray, srows: np.ndarray, block_cols: int, *, scale_kind: str,
+                        group_size: int, bits: int, dtype: np.dtype, backend: str):
+    """FP8 rows straight to affine (fmtconv.kernels.fp8); None where the caller must take the NumPy route
+    (always with the reference kernels: that route is the reference)."""
+    if not compiled():
+        return None
+    from .fp8 import affine_quantize_fp8 as fast
+
+    return fast(codes, scale, srows, block_cols, scale_kind=scale_kind, group_size=group_size,
+                bits=bits, dtype=dtype, backend=backend)
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """kernels_ref.packing.pack_codes's contract and bytes."""
+    if not compiled():
+        return packing.pack_codes(codes, bits)
+    from .packing import pack_codes as fast
+
+    return fast(codes, bits)
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's on-disk cache) every kernel once, on tiny inputs, before worker threads start."""
+    global _warm
+    if not compiled() or _warm:
+        return
+    with _warm_lock:
+        if _warm:
+            return
+        for dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)):
+            affine_quantize(np.zeros((1, 32), dtype=dtype), 32, 4, backend="cpu")
+            affine_quantize_mxfp4(np.zeros((1, 16), np.uint8), np.full((1, 1), 127, np.uint8), 32, 4, dtype=dtype, backend="cpu")
+            srows = np.zeros(1, dtype=np.int64)
+            affine_quantize_fp8(np.zeros((1, 32), np.uint8), np.full((1, 1), 127, np.uint8), srows, 128, scale_kind="e8m0",
+                                group_size=32, bits=4, dtype=dtype, backend="cpu")
+            affine_quantize_fp8(np.zeros((1, 32), np.uint8), np.ones((1, 1), np.float32), srows, 128, scale_kind="float",
+                                group_size=32, bits=4, dtype=dtype, backend="cpu")
+        pack_codes(np.zeros((1, 32), np.uint8), 4)
+        _warm = True
