@@ -111,7 +111,7 @@ class Converter:
         self.plan = plan
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
-        self.workers = workers or max(1, os.cpu_count() or 1)
+        self.workers = workers or available_cpus()
         self.progress = progress  # (bytes written, total bytes)
         self.tensor_progress = tensor_progress  # (tensors finished, total tensors)
         self._tensors_done = 0
@@ -142,7 +142,7 @@ class Converter:
 
     def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
         """Output part arrays (by output tensor name) for one job's rows."""
-        from fmtconv import kernels_ref
+        from fmtconv import kernels, kernels_ref
 
         g = pt.target.sources[job.src]
         rows = (job.start, job.stop)
@@ -158,8 +158,12 @@ class Converter:
             rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
             return {f"{module}.{r}": select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
-        if pt.route == REQUANT and pt.mode == "affine" and g.codec == "mxfp4" and pt.target.transform is None:
-            fast = self._affine_from_mxfp4(pt, parts, job, dtype)
+        if pt.route == REQUANT and pt.mode == "affine" and pt.target.transform is None:
+            fast = None
+            if g.codec == "mxfp4":
+                fast = self._affine_from_mxfp4(pt, parts, job, dtype)
+            elif g.codec == "fp8_block" and pt.target.rows is None:
+                fast = self._affine_from_fp8(pt, parts, job, dtype)
             if fast is not None:
                 return fast
         v = self._values(pt, parts, job.src, rows, dtype).reshape(-1, last)
@@ -171,21 +175,39 @@ class Converter:
             return {pt.target.name: v}
         assert pt.route == REQUANT
         if pt.mode == "affine":
-            wq, s, b = kernels_ref.affine_quantize(v, pt.group_size, pt.bits, backend=self.plan.kernel_backend)
+            wq, s, b = kernels.affine_quantize(v, pt.group_size, pt.bits, backend=self.plan.kernel_backend)
             return {f"{module}.weight": wq, f"{module}.scales": s, f"{module}.biases": b}
         wq, s = kernels_ref.fp_quantize(v, pt.mode)[:2]
         return {f"{module}.weight": wq, f"{module}.scales": s}
 
     def _affine_from_mxfp4(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job, dtype: np.dtype) -> dict[str, np.ndarray] | None:
-        """MXFP4 rows -> affine straight from the codes (kernels_ref.affine_quantize_mxfp4: the same bytes as
+        """MXFP4 rows -> affine straight from the codes (kernels.affine_quantize_mxfp4: the same bytes as
         decode + round + affine_quantize, several times faster); None where that table route does not apply."""
-        from fmtconv.kernels_ref.table_driven import affine_quantize_mxfp4
+        from fmtconv.kernels import affine_quantize_mxfp4
 
         g = pt.target.sources[job.src]
         rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
         packed = select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
         codes = select_rows(np.asarray(rep["scales"]), pt)
         out = affine_quantize_mxfp4(packed, codes, pt.group_size, pt.bits, dtype=dtype, backend=self.plan.kernel_backend)
+        if out is None:
+            return None
+        module = pt.target.module
+        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
+
+    def _affine_from_fp8(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job, dtype: np.dtype) -> dict[str, np.ndarray] | None:
+        """FP8 rows -> affine straight from codes and block scales (kernels.affine_quantize_fp8: the values the NumPy
+        route rounds, quantized as it does); None where it does not apply (then that route runs, and refuses bad input)."""
+        from fmtconv.kernels import affine_quantize_fp8
+
+        g = pt.target.sources[job.src]
+        if g.params.get("scale_kind") != "e8m0" and self.plan.rounding != "mlx-lm":
+            return None  # float scales rounded once, exactly: the NumPy decode (float64) route
+        f = self._codec(g.codec).factored_rows(parts, g, rows=(job.start, job.stop))
+        if f is None:
+            return None
+        out = affine_quantize_fp8(f.codes, f.scale, f.srows, f.block_cols, scale_kind=f.scale_kind, group_size=pt.group_size,
+                                  bits=pt.bits, dtype=dtype, backend=self.plan.kernel_backend)
         if out is None:
             return None
         module = pt.target.module
@@ -207,7 +229,7 @@ class Converter:
         finally:
             del parts
             for name in g.parts.values():
-                ck.release(name)
+                ck.release(name, (job.start, job.stop, g.rows))
         written = 0
         for spec in pt.parts:
             arr = outs[spec.name]
@@ -237,6 +259,7 @@ class Converter:
                 pending: set[cf.Future] = set()
                 for t, tensor_jobs in enumerate(jobs):
                     for job in tensor_jobs:
+                        read_ahead(ck, job)
                         f = pool.submit(self._run_job, ck, job, writers)
                         f.tensor_index = t  # type: ignore[attr-defined]
                         pending.add(f)
@@ -297,6 +320,9 @@ class Converter:
                 sum(s.nbytes for s in self.plan.shards[i]) for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"])
             finished = {s.name for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"] for s in self.plan.shards[i]}
             self._tensors_done = sum(1 for pt in self.plan.tensors if all(p.name in finished for p in pt.parts))
+            from fmtconv.kernels import warm_up
+
+            warm_up()  # compile or load the kernels now, not inside the first jobs
             try:
                 with Checkpoint(self.plan.source) as ck:
                     for i, fname in enumerate(self.plan.shard_files):
@@ -410,16 +436,24 @@ def _tensor_ends(specs: list[TensorSpec], tensors: list[PlannedTensor]) -> list[
 
 
 class _FlushBehind:
-    """SHA-256 of a shard computed while it is written: whenever the tensors at its start are complete, their
-    bytes are hashed (still in the page cache) and handed to the kernel for writeback (POSIX_FADV_DONTNEED starts
-    it), so the disk works during the conversion and the shard is neither re-read nor left to one long fsync."""
+    """SHA-256 of a shard computed while it is written, on a thread of its own: whenever the tensors at its start
+    are complete, their bytes are hashed (still in the page cache) and handed to the kernel for writeback
+    (POSIX_FADV_DONTNEED starts it), so the disk works during the conversion, the shard is neither re-read nor left
+    to one long fsync, and the thread that feeds the workers never waits for the hash."""
 
     def __init__(self, path: Path, ends: list[int] | None, jobs: list[int]):
         self.ends, self.left = ends, list(jobs)
         self.complete = False
         self._sha = hashlib.sha256()
-        self._pos, self._next = 0, 0
+        self._pos, self._next, self._target = 0, 0, 0
         self._fd = os.open(path, os.O_RDONLY) if ends is not None else -1
+        self._cond = threading.Condition()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if ends is not None:
+            self._thread = threading.Thread(target=self._run, name="fmtconv-hash", daemon=True)
+            self._thread.start()
 
     def job_done(self, tensor: int) -> bool:
         """Count one finished job of tensor `tensor`; True when that was its last."""
@@ -428,16 +462,39 @@ class _FlushBehind:
             while self._next < len(self.left) and self.left[self._next] == 0:
                 self._next += 1
             if self._next:
-                self._advance(self.ends[self._next - 1])
+                self._hash_to(self.ends[self._next - 1])
         return self.left[tensor] == 0
 
     def finish(self, size: int) -> None:
+        """Hash the rest (every byte is written) and wait for the thread."""
         if self.ends is not None:
-            self._advance(size)
+            self._hash_to(size)
+            self._join()
+            if self._error is not None:
+                raise self._error
             self.complete = True
 
     def hexdigest(self) -> str:
         return self._sha.hexdigest()
+
+    def _hash_to(self, end: int) -> None:
+        with self._cond:
+            if end > self._target:
+                self._target = end
+                self._cond.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while self._pos >= self._target and not self._stop:
+                        self._cond.wait()
+                    if self._pos >= self._target:
+                        return
+                    end = self._target
+                self._advance(end)
+        except BaseException as e:  # raised again by finish()
+            self._error = e
 
     def _advance(self, end: int) -> None:
         start = self._pos
@@ -450,10 +507,34 @@ class _FlushBehind:
         if self._pos > start and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self._fd, start, self._pos - start, os.POSIX_FADV_DONTNEED)
 
+    def _join(self) -> None:
+        if self._thread is not None:
+            with self._cond:
+                self._stop = True
+                self._cond.notify()
+            self._thread.join()
+            self._thread = None
+
     def close(self) -> None:
+        self._join()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
+
+
+def read_ahead(ck: Checkpoint, job: Job) -> None:
+    """Ask the kernel to start reading a job's source rows now, so they are in memory when a worker gets to it."""
+    g = job.tensor.target.sources[job.src]
+    for name in g.parts.values():
+        ck.will_need(name, (job.start, job.stop, g.rows))
 
 
 def _existing_parent(p: Path) -> Path:

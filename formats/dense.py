@@ -64,6 +64,16 @@ class DenseCodec(Codec):
         wide = np.float64 if a.dtype == np.float64 else np.float32
         return Exact(a2[start:stop].astype(wide), np.dtype(compute_dtype), self.name, dict(group.params))
 
+    def decode_to(self, parts, group, *, dtype, rows=None) -> np.ndarray | None:
+        """Rows rounded once to `dtype` without a float32 copy (a view when the stored dtype is `dtype`): the same
+        values as `decode(...).to(dtype)`; None where `decode` has something to say."""
+        a = np.asarray(parts.get("weight")) if "weight" in parts else None
+        if a is None or (a.dtype.kind != "f" and a.dtype.name != "bfloat16") or a.size != int(np.prod(group.shape, dtype=np.int64)):
+            return None
+        start, stop = row_range(rows, group.rows, group.name)
+        a2 = a.reshape(group.rows, -1) if group.shape else a.reshape(1, 1)
+        return round_to_dtype(a2[start:stop], dtype)
+
     def encode(self, values: Exact | np.ndarray, *, dtype: np.dtype | str | None = None, **_: Any) -> dict[str, np.ndarray]:
         """`{"weight": values rounded once to dtype}` (default: the Exact's compute dtype)."""
         if isinstance(dtype, str) and stored_dtype(dtype) is not None:

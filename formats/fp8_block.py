@@ -19,6 +19,7 @@ element); e4m3 times a power of two (E8M0) is exact in float32 unless the code o
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import ml_dtypes
@@ -50,6 +51,23 @@ def grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
     """Scale shape for a weight shape: leading axes, then ceil(out/bo), ceil(in/bi)."""
     *lead, out, k = shape
     return tuple(lead) + (-(-out // block[0]), -(-k // block[1]))
+
+
+def scale_rows(start: int, stop: int, rows_per_matrix: int, block_rows: int) -> np.ndarray:
+    """Row of the scale grid (flattened to 2-D) that each weight row [start, stop) (flattened to 2-D) uses."""
+    r = np.arange(start, stop, dtype=np.int64)
+    return (r // rows_per_matrix) * -(-rows_per_matrix // block_rows) + (r % rows_per_matrix) // block_rows
+
+
+@dataclass(frozen=True)
+class Fp8Rows:
+    """Rows of an FP8 block weight in factored form: value = e4m3(codes[i, j]) * scale[srows[i], j // block_cols]."""
+
+    codes: np.ndarray  # uint8 (rows, in): E4M3 codes
+    scale: np.ndarray  # (scale rows, ceil(in / block_cols)): E8M0 codes (uint8) or float32/bfloat16/float16 values
+    srows: np.ndarray  # int64 (rows,)
+    block_cols: int
+    scale_kind: str  # "e8m0" or "float"
 
 
 def _block_for(wshape: tuple[int, ...], sshape: tuple[int, ...], config: Mapping[str, Any]) -> tuple[int, int] | None:
@@ -124,8 +142,7 @@ class Fp8BlockCodec(Codec):
         if s.size != prod(gshape):
             raise FmtconvError(f"FP8 scale: expected shape {gshape} for weight {tuple(group.shape)} with block {block}, got {s.shape}", tensor=sname)
         s = s.reshape(-1, gshape[-1])
-        r = np.arange(start, stop)
-        srows = (r // out) * gshape[-2] + (r % out) // block[0]
+        srows = scale_rows(start, stop, out, block[0])
         cols = np.arange(k) // block[1]
         vals = e4m3_decode(w)
         if np.isnan(vals).any():
@@ -158,6 +175,25 @@ class Fp8BlockCodec(Codec):
         codes = w.view(np.uint8).reshape(-1, k)[start:stop]
         return fp8_e8m0_rows_to_dtype(codes, s.view(np.uint8), start, out, block, np.dtype(dtype))
 
+    def factored_rows(self, parts, group, *, rows=None) -> Fp8Rows | None:
+        """Rows [start, stop) as codes, scale grid and scale-row index, without decoding; None where the parts do not
+        have the shapes `decode` checks (it names what is wrong).  NaN codes and non-finite scales are not checked
+        here: the kernels that take this form hand such rows back to `decode`, which refuses them."""
+        if len(group.shape) < 2 or "weight" not in parts or "scale" not in parts:
+            return None
+        out, k = group.shape[-2], group.shape[-1]
+        block = tuple(int(b) for b in group.params.get("block", DEFAULT_BLOCK))
+        kind = "e8m0" if group.params.get("scale_kind") == "e8m0" else "float"
+        w, s = np.asarray(parts["weight"]), np.asarray(parts["scale"])
+        gshape = grid(tuple(group.shape), block)
+        if w.size != group.rows * k or w.itemsize != 1 or s.size != prod(gshape) or (kind == "e8m0") != (s.itemsize == 1):
+            return None
+        if kind == "float" and s.dtype not in {np.dtype(t) for t in _FLOAT_SCALES.values()}:
+            return None
+        start, stop = row_range(rows, group.rows, group.name)
+        codes = w.view(np.uint8).reshape(-1, k)[start:stop]
+        return Fp8Rows(codes, s.reshape(-1, gshape[-1]), scale_rows(start, stop, out, block[0]), block[1], kind)
+
     def encode(
         self,
         values: Exact | np.ndarray,
@@ -179,8 +215,7 @@ class Fp8BlockCodec(Codec):
         block = (int(block[0]), int(block[1]))
         *lead, out, k = v.shape
         gshape = grid(v.shape, block)
-        rows = np.arange(prod(v.shape[:-1]))
-        srows = (rows // out) * gshape[-2] + (rows % out) // block[0]
+        srows = scale_rows(0, prod(v.shape[:-1]), out, block[0])
         cols = np.arange(k) // block[1]
         v2 = v.reshape(-1, k)
         if scale is None:

@@ -14,6 +14,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,11 +138,14 @@ class SafetensorsFile:
             raise FmtconvError(f"cannot read ({e.strerror})", file=self.path) from None
         self.tensors, self.metadata = _parse_header(self.path, head, self.size)
         self._mmap: mmap.mmap | None = None
+        self._map_lock = threading.Lock()
 
     def _buffer(self) -> mmap.mmap:
         if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with self._map_lock:  # worker threads and the read-ahead may ask at once: map the file once
+                if self._mmap is None:
+                    with open(self.path, "rb") as f:
+                        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return self._mmap
 
     def raw(self, name: str) -> np.ndarray:
@@ -161,17 +165,32 @@ class SafetensorsFile:
             return raw
         return raw.view(sd.numpy).reshape(info.shape)
 
-    def release(self, name: str) -> None:
-        """Drop the tensor's mapped pages from this process (they stay in the page cache); keeps RSS bounded."""
-        if self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+    def release(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
+        """Drop the tensor's mapped pages from this process (they stay in the page cache); keeps RSS bounded.
+
+        rows = (start, stop, total): only the pages of that share of the tensor (its rows, when it is
+        stored row by row), so other threads' rows of the same tensor stay mapped."""
+        self._advise(name, getattr(mmap, "MADV_DONTNEED", None), rows)
+
+    def will_need(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
+        """Start reading the tensor's pages (or the share `rows` selects, as in `release`) in the background."""
+        self._buffer()
+        self._advise(name, getattr(mmap, "MADV_WILLNEED", None), rows)
+
+    def _advise(self, name: str, advice: int | None, rows: tuple[int, int, int] | None) -> None:
+        if self._mmap is None or advice is None:
             return
         info = self._info(name)
+        lo, hi = info.start, min(self.size, info.end)
+        if rows is not None and rows[2] > 0:
+            start, stop, total = rows
+            n = info.end - info.start
+            lo, hi = info.start + n * start // total, min(hi, info.start + -(-n * stop // total))
         page = mmap.PAGESIZE
-        start = info.start // page * page
-        length = min(self.size, info.end) - start
-        if length > 0:
+        lo = lo // page * page
+        if hi > lo:
             try:
-                self._mmap.madvise(mmap.MADV_DONTNEED, start, length)
+                self._mmap.madvise(advice, lo, hi - lo)
             except (OSError, ValueError):
                 pass
 
@@ -261,8 +280,12 @@ class Checkpoint:
     def raw(self, name: str) -> np.ndarray:
         return self.files[self.info(name).file.name].raw(name)
 
-    def release(self, name: str) -> None:
-        self.files[self.info(name).file.name].release(name)
+    def release(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
+        self.files[self.info(name).file.name].release(name, rows)
+
+    def will_need(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
+        """Read-ahead hint for a tensor (or a share of its rows); maps the file if needed."""
+        self.files[self.info(name).file.name].will_need(name, rows)
 
     def close(self) -> None:
         for f in self.files.values():

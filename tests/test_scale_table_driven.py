@@ -128,6 +128,7 @@ def test_fp8_e8m0_rows_equal_the_codec_decode(dtype: np.dtype) -> None:
 
 def _without_fast_paths(monkeypatch) -> None:
     monkeypatch.setattr(pipeline_mod.Converter, "_affine_from_mxfp4", lambda self, *a, **k: None)
+    monkeypatch.setattr(pipeline_mod.Converter, "_affine_from_fp8", lambda self, *a, **k: None)
     monkeypatch.setattr(Fp8BlockCodec, "decode_to", lambda *a, **k: None)
 
 
@@ -159,11 +160,13 @@ def test_conversions_are_the_same_without_the_fast_paths(tmp_path: Path, monkeyp
             return r
 
         with monkeypatch.context() as m:
+            m.setenv("FMTCONV_KERNELS", "reference")  # the NumPy table routes (the compiled ones: test_convert_kernel_paths.py)
             m.setattr(pipeline_mod.Converter, "_affine_from_mxfp4", counted_affine)
             m.setattr(Fp8BlockCodec, "decode_to", counted_values)
             convert(src, tmp_path / f"fast{i}", **kw)
         assert used["mxfp4"] > 0 and (used["fp8"] > 0 or recipe == "mixed_3_6"), used
         with monkeypatch.context() as m:
+            m.setenv("FMTCONV_KERNELS", "reference")
             _without_fast_paths(m)
             convert(src, tmp_path / f"slow{i}", **kw)
         assert _bundle(tmp_path / f"fast{i}") == _bundle(tmp_path / f"slow{i}")

@@ -1,0 +1,72 @@
+"""A conversion writes the same bytes whichever kernels run: compiled (fmtconv.kernels) or the NumPy references.
+
+FMTCONV_KERNELS=reference switches every route to kernels_ref; each case below converts with both and
+compares every shard and the index byte for byte, and checks the compiled routes did run.  The cases
+cover MXFP4 -> affine (DeepSeek-V4, gpt-oss with its gate/up selection), FP8 with E8M0 and float32
+scales (both roundings), dense bfloat16 -> affine, and the three compute dtypes and two arithmetics.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import fmtconv.kernels as kernels
+from fmtconv.convert import convert
+from fmtconv.kernels import routes
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = ROOT / "fixtures"
+
+pytestmark = pytest.mark.skipif(not kernels.compiled(), reason="numba is not installed")
+
+
+def _bundle(out: Path) -> dict[str, bytes]:
+    """Weights and index (config.json and the model card name the output directory)."""
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.name.endswith((".safetensors", ".index.json"))}
+
+
+def _synthetic(tmp_path: Path) -> Path:
+    from fmtconv.convert.bench import generate_checkpoint
+
+    return generate_checkpoint(tmp_path / "synth", 0, quiet=True, hidden=256, moe_inter=128, experts=4, vocab=256, layers=2)
+
+
+CASES = [
+    ("deepseek-v4-tiny", "q4q8", "metal", None, "mlx-lm"),
+    ("deepseek-v4-tiny", "mixed_3_6", "cpu", "float16", "mlx-lm"),
+    ("synthetic-v4", "q4q8", "cpu", None, "mlx-lm"),
+    ("synthetic-v4", "q8_5", "metal", "float32", "mlx-lm"),
+    ("deepseek-v3-fp8-tiny", "q4q8", "cpu", None, "mlx-lm"),
+    ("deepseek-v3-fp8-tiny", "mixed_2_6", "metal", "float16", "mlx-lm"),
+    ("deepseek-v3-fp8-tiny", "q4q8", "cpu", None, "exact"),
+    ("gpt-oss-tiny", "q4q8", "metal", None, "mlx-lm"),
+]
+
+
+@pytest.mark.parametrize("name,recipe,backend,dtype,rounding", CASES)
+def test_bytes_do_not_depend_on_the_kernels(tmp_path: Path, monkeypatch, name, recipe, backend, dtype, rounding) -> None:
+    src = _synthetic(tmp_path) if name == "synthetic-v4" else FIX / name
+    kw = {"recipe": recipe, "kernel_backend": backend, "compute_dtype": dtype, "rounding": rounding, "workers": 2}
+    calls = {"compiled": 0}
+    real_mxfp4, real_fp8, real_affine = routes.affine_quantize_mxfp4, routes.affine_quantize_fp8, routes.affine_quantize
+
+    def counting(fn):
+        def wrapped(*a, **k):
+            out = fn(*a, **k)
+            calls["compiled"] += out is not None and kernels.compiled()
+            return out
+        return wrapped
+
+    with monkeypatch.context() as m:
+        for mod in (kernels, routes):
+            m.setattr(mod, "affine_quantize_mxfp4", counting(real_mxfp4))
+            m.setattr(mod, "affine_quantize_fp8", counting(real_fp8))
+            m.setattr(mod, "affine_quantize", counting(real_affine))
+        convert(src, tmp_path / "compiled", **kw)
+    assert calls["compiled"] > 0
+    with monkeypatch.context() as m:
+        m.setenv(kernels.KERNELS_ENV, "reference")
+        convert(src, tmp_path / "reference", **kw)
+    assert _bundle(tmp_path / "compiled") == _bundle(tmp_path / "reference")
