@@ -1,583 +1,298 @@
-"""`fmtconv bench`: fmtconv's conversion vs the usual pipeline vs a plain copy, on a synthetic DeepSeek-V4 checkpoint.
+"""`fmtconv bench`: fmtconv next to the usual pipeline, a plain copy and mlx_lm.convert, on synthetic checkpoints.
 
-The checkpoint (default >= 4 GB, kept under ./bench-data/ and reused for the same size) has
-DeepSeek-V4's published naming and dtypes: routed experts `layers.N.ffn.experts.E.w1|w2|w3.weight`
-as packed FP4 (I8, two E2M1 per byte, low nibble first) with an F8_E8M0 `.scale` per 32 inputs;
-attention and shared experts F8_E4M3 with 128x128 F8_E8M0 `.scale`; embed, head, norms, router,
-compressor and indexer weights BF16; hyper-connections, sinks and router bias F32 (the same
-conventions as fixtures/deepseek-v4-tiny). Codes are random bytes, so generation runs at disk speed.
+For each requested size (default 4 GB; e.g. `--size 4GB --size 8GB` for the scaling check) it generates or
+reuses a DeepSeek-V4-shaped checkpoint and a DeepSeek-V3-style FP8 one of that size (convert/bench_data.py)
+and runs, each phase in a child process (convert/bench_phases.py):
 
-Three phases run one after another, each in a child process so its peak RSS (the child's VmHWM,
-ru_maxrss from wait4 where /proc is missing) is its own:
-  fmtconv  fmtconv.convert.convert(recipe q4q8): MXFP4 experts -> 4-bit affine, FP8 -> 8-bit.
-  usual    what people do: per output tensor, dequantize to bfloat16 (NumPy for FP4, mx.from_fp8
-           for FP8), stack experts, mx.quantize, mx.save_safetensors in 5 GB shards, one process.
-  copy     read every source byte and write as many bytes as fmtconv writes, fsync.
+  fmtconv           `fmtconv convert V4 OUT --recipe q4q8 --kernel-backend cpu`, all cores
+  fmtconv_metal     the same with `--kernel-backend metal` (the GPU arithmetic, computed on the CPU)
+  usual             the usual pipeline on V4 (dequantize to bfloat16, mx.quantize, save)
+  copy              read the V4 source, write as many bytes as fmtconv writes, fsync: the disk's speed
+  threads           `fmtconv convert V4 ...` pinned to 1, 2 (and all) cores: throughput per core count
+  v3                `fmtconv fp8-to-affine V3 OUT --bits 4 --other-bits 4 --kernel-backend cpu` next to
+                    `mlx_lm.convert --hf-path V3 --mlx-path OUT -q --q-bits 4`; same settings, bytes compared
+
+and reports wall time, Mparam/s, MB/s (in + out), peak RSS and the exact command of each phase, the ratios the
+speed issue sets targets for, whether bytes are identical, the machine's load average before and after, and,
+with two sizes, how time and peak RSS scale.  `--json` prints all of it.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
-import math
 import os
+import platform
 import shutil
-import subprocess
 import sys
-import tempfile
-import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from fmtconv.convert.bench_data import DEFAULT_DIR, generate_checkpoint, generate_v3_checkpoint
+from fmtconv.convert.bench_phases import fmtconv_command, mlx_lm_command, run_phase_in_child, same_tensors
 
-GENERATOR_VERSION = 1
-DEFAULT_DIR = Path("bench-data")
-PHASES = ("fmtconv", "usual", "copy")
-_SRC_SHARD_BYTES = 2 * 10**9
-_POOL_BYTES = 1 << 26  # random bytes reused at random offsets: generation is bound by the disk, not the RNG
-_COPY_CHUNK = 1 << 24
-
-
-# ---------------------------------------------------------------------------------------------
-# The synthetic checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-def synthetic_config(size_bytes: int, *, hidden: int = 4096, moe_inter: int = 2048, experts: int = 64,
-                     vocab: int = 32768, layers: int | None = None) -> dict[str, Any]:
-    """DeepSeek-V4-Flash's config.json shape (model_type deepseek_v41, as fixtures/deepseek-v4-tiny), scaled
-    to `size_bytes`: Flash's attention geometry at hidden 4096, fewer experts and layers, a smaller vocab."""
-    heads = max(1, hidden // 64)
-    config: dict[str, Any] = {
-        "architectures": ["DeepseekV4ForCausalLM"],
-        "model_type": "deepseek_v41",
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "eos_token_id": 2,
-        "expert_dtype": "fp4",
-        "hc_eps": 1e-06,
-        "hc_mult": 4,
-        "hc_sinkhorn_iters": 20,
-        "head_dim": 512,
-        "hidden_act": "silu",
-        "hidden_size": hidden,
-        "index_head_dim": 128,
-        "index_n_heads": heads,
-        "index_topk": 512,
-        "max_position_embeddings": 65536,
-        "moe_intermediate_size": moe_inter,
-        "n_routed_experts": experts,
-        "n_shared_experts": 1,
-        "norm_topk_prob": True,
-        "num_attention_heads": heads,
-        "num_experts_per_tok": 6,
-        "num_hash_layers": 0,
-        "num_key_value_heads": 1,
-        "num_nextn_predict_layers": 0,
-        "o_groups": 8,
-        "o_lora_rank": hidden // 4,
-        "q_lora_rank": hidden // 4,
-        "qk_rope_head_dim": 64,
-        "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                "scale_fmt": "ue8m0", "weight_block_size": [128, 128]},
-        "rms_norm_eps": 1e-06,
-        "rope_theta": 10000,
-        "routed_scaling_factor": 1.5,
-        "scoring_func": "sqrtsoftplus",
-        "sliding_window": 128,
-        "swiglu_limit": 10.0,
-        "tie_word_embeddings": False,
-        "topk_method": "noaux_tc",
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-        "vocab_size": vocab,
-        "compress_rope_theta": 160000,
-    }
-    if layers is None:
-        _set_layers(config, 1)
-        fixed = _bytes(source_specs(config, layers=False))
-        per_layer = _bytes(source_specs(config)) - fixed
-        layers = max(1, math.ceil((size_bytes - fixed) / per_layer))
-    _set_layers(config, layers)
-    return config
+PHASES = ("fmtconv", "fmtconv_metal", "usual", "copy", "threads", "v3")
+V4_RECIPE = "q4q8"
+V3_BITS = 4
+# (name, report key, comparison, threshold): the speed issue's targets, checked on every run
+TARGETS = (
+    ("fmtconv/copy, cpu arithmetic", "ratio_fmtconv_over_copy", ">=", 0.8),
+    ("fmtconv/copy, metal arithmetic", "ratio_fmtconv_metal_over_copy", ">=", 0.8),
+    ("fmtconv vs the usual pipeline", "ratio_fmtconv_over_usual", ">=", 10.0),
+    ("fmtconv vs mlx_lm.convert (V3 FP8)", "ratio_v3_fmtconv_over_mlx_lm", ">=", 5.0),
+    ("V3 bytes identical to mlx_lm.convert", "v3_bytes_identical", "==", True),
+    ("peak RSS of fmtconv, MB", "fmtconv_peak_rss_mb", "<=", 1500.0),
+)
 
 
-def _set_layers(config: dict[str, Any], n: int) -> None:
-    # Layer 0 attends in its window only; then 4:1 (compressing, indexed) and 128:1 layers alternate.
-    ratios = [0] + [4 if i % 2 else 128 for i in range(1, n)]
-    config["num_hidden_layers"] = n
-    config["compress_ratios"] = ratios
-    config["kv_source_layer_ids"] = [i for i, r in enumerate(ratios) if r]
-    config["index_source_layer_ids"] = [i for i, r in enumerate(ratios) if r == 4]
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
-def _bytes(specs: list[tuple[str, str, tuple[int, ...], str]]) -> int:
-    from fmtconv.formats.safetensors_io import TensorSpec
-
-    return sum(TensorSpec(n, d, s).nbytes for n, d, s, _ in specs)
-
-
-def source_specs(config: dict[str, Any], *, layers: bool = True) -> list[tuple[str, str, tuple[int, ...], str]]:
-    """(published name, safetensors dtype, shape, kind) of every stored tensor, in the release's order.
-
-    Shapes follow mlx_lm 0.32.2 deepseek_v41 (Attention, Compressor, Indexer, SharedMLP, Router,
-    SwitchGLU, HyperConnection) mapped back to DeepSeek-V4's names (tests/test_scale_bench.py checks
-    them against the mlx_lm model through fmtconv's DeepSeek-V4 layout).
-    """
-    h, inter, e = config["hidden_size"], config["moe_intermediate_size"], config["n_routed_experts"]
-    heads, hd, ql = config["num_attention_heads"], config["head_dim"], config["q_lora_rank"]
-    og, ol = config["o_groups"], config["o_lora_rank"]
-    ih, ihd, hc = config["index_n_heads"], config["index_head_dim"], config["hc_mult"]
-    mix = (2 + hc) * hc
-    out: list[tuple[str, str, tuple[int, ...], str]] = []
-
-    def fp8(name: str, shape: tuple[int, int]) -> None:
-        out.append((f"{name}.weight", "F8_E4M3", shape, "fp8"))
-        out.append((f"{name}.scale", "F8_E8M0", (-(-shape[0] // 128), -(-shape[1] // 128)), "fp8scale"))
-
-    def fp4(name: str, shape: tuple[int, int]) -> None:
-        out.append((f"{name}.weight", "I8", (shape[0], shape[1] // 2), "fp4"))
-        out.append((f"{name}.scale", "F8_E8M0", (shape[0], shape[1] // 32), "fp4scale"))
-
-    def bf16(name: str, shape: tuple[int, ...], kind: str = "bf16") -> None:
-        out.append((name, "BF16", shape, kind))
-
-    def f32(name: str, shape: tuple[int, ...]) -> None:
-        out.append((name, "F32", shape, "f32"))
-
-    bf16("embed.weight", (config["vocab_size"], h))
-    n_layers = config["num_hidden_layers"] if layers else 0
-    ratios = config.get("compress_ratios", [])
-    for i in range(n_layers):
-        p = f"layers.{i}"
-        a = f"{p}.attn"
-        f32(f"{a}.attn_sink", (heads,))
-        if i in config.get("kv_source_layer_ids", []):
-            bf16(f"{a}.compressor.norm.weight", (hd,), "norm")
-            if ratios[i] > 1:
-                bf16(f"{a}.compressor.wgate.weight", (hd, h))
-            bf16(f"{a}.compressor.wkv.weight", (hd, h))
-        if i in config.get("index_source_layer_ids", []):
-            if i in config.get("kv_source_layer_ids", []):
-                bf16(f"{a}.indexer.k_norm.weight", (ihd,), "norm")
-            bf16(f"{a}.indexer.weights_proj.weight", (ih, h))
-            if i in config.get("kv_source_layer_ids", []):
-                bf16(f"{a}.indexer.wk.weight", (ihd, hd))
-            fp8(f"{a}.indexer.wq_b", (ih * ihd, ql))
-        bf16(f"{a}.kv_norm.weight", (hd,), "norm")
-        bf16(f"{a}.q_norm.weight", (ql,), "norm")
-        fp8(f"{a}.wkv", (hd, h))
-        fp8(f"{a}.wo_a", (og * ol, heads * hd // og))
-        fp8(f"{a}.wo_b", (h, og * ol))
-        fp8(f"{a}.wq_a", (ql, h))
-        fp8(f"{a}.wq_b", (heads * hd, ql))
-        bf16(f"{p}.attn_norm.weight", (h,), "norm")
-        for x in range(e):
-            fp4(f"{p}.ffn.experts.{x}.w1", (inter, h))
-            fp4(f"{p}.ffn.experts.{x}.w2", (h, inter))
-            fp4(f"{p}.ffn.experts.{x}.w3", (inter, h))
-        f32(f"{p}.ffn.gate.bias", (e,))
-        bf16(f"{p}.ffn.gate.weight", (e, h))
-        fp8(f"{p}.ffn.shared_experts.w1", (inter, h))
-        fp8(f"{p}.ffn.shared_experts.w2", (h, inter))
-        fp8(f"{p}.ffn.shared_experts.w3", (inter, h))
-        bf16(f"{p}.ffn_norm.weight", (h,), "norm")
-        for k in ("attn", "ffn"):
-            f32(f"{p}.hc_{k}_base", (mix,))
-            f32(f"{p}.hc_{k}_fn", (mix, hc * h))
-            f32(f"{p}.hc_{k}_scale", (3,))
-    bf16("head.weight", (config["vocab_size"], h))
-    bf16("norm.weight", (h,), "norm")
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for pkg in ("fmtconv", "numpy", "numba", "mlx", "mlx-lm"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
     return out
 
 
-class _Pool:
-    """Random bytes served from a fixed pool at random offsets (fast; statistics do not matter here)."""
+def _cpus() -> int:
+    from fmtconv.convert.pipeline import available_cpus
 
-    def __init__(self, seed: int = 0):
-        self.rng = np.random.default_rng(seed)
-        self.pool = self.rng.integers(0, 256, _POOL_BYTES, dtype=np.uint8)
-
-    def take(self, n: int) -> np.ndarray:
-        out = np.empty(n, dtype=np.uint8)
-        done = 0
-        while done < n:
-            off = int(self.rng.integers(0, _POOL_BYTES))
-            k = min(n - done, _POOL_BYTES - off)
-            out[done : done + k] = self.pool[off : off + k]
-            done += k
-        return out
+    return available_cpus()
 
 
-def _synth(pool: _Pool, dtype: str, shape: tuple[int, ...], kind: str) -> np.ndarray:
-    """Stored bytes of one tensor: random codes in a realistic range, never NaN/inf."""
-    n = int(np.prod(shape))
-    if kind == "fp4":  # any pair of E2M1 codes
-        return pool.take(n)
-    if kind == "fp4scale":  # 2^-9 .. 2^-6: weights of magnitude <= 6 * 2^-6
-        return 118 + (pool.take(n) & 3)
-    if kind == "fp8":  # E4M3 with exponent field <= 7 (|v| < 2): bit 6 cleared, so never the NaN codes
-        return pool.take(n) & 0xBF
-    if kind == "fp8scale":  # 2^-10 .. 2^-7
-        return 117 + (pool.take(n) & 3)
-    if kind in ("bf16", "norm"):
-        r = pool.take(2 * n).view(np.uint16)
-        if kind == "norm":  # 1.0 .. 2.0
-            return (np.uint16(0x3F80) | (r & np.uint16(0x7F))).view(np.uint8)
-        exp = (np.uint16(119) + ((r >> np.uint16(7)) & np.uint16(3))) << np.uint16(7)  # 2^-8 .. 2^-5
-        return ((r & np.uint16(0x807F)) | exp).view(np.uint8)
-    if kind == "f32":
-        return (pool.rng.standard_normal(n).astype(np.float32) * np.float32(0.02)).view(np.uint8)
-    raise ValueError(kind)
+def _figures(r: dict[str, Any], params: int, bytes_in: int) -> dict[str, Any]:
+    wall = r["wall_s"]
+    return {
+        "wall_s": round(wall, 3),
+        "params_per_s": round(params / wall, 1),
+        "mb_per_s": round((bytes_in + r["bytes_out"]) / 1e6 / wall, 1),
+        "mb_per_s_in": round(bytes_in / 1e6 / wall, 1),
+        "bytes_out": r["bytes_out"],
+        "peak_rss_mb": round(r["peak_rss_bytes"] / 1e6, 1),
+    }
 
 
-def checkpoint_dir(root: Path, size_bytes: int) -> Path:
-    return Path(root) / f"deepseek-v4-synthetic-{size_bytes}"
+def _ratio(report: dict[str, Any], key: str, slow: str, fast: str) -> None:
+    ph = report["phases"]
+    if slow in ph and fast in ph:
+        report[key] = round(ph[slow]["wall_s"] / ph[fast]["wall_s"], 3)
 
 
-def generate_checkpoint(root: Path | None, size_bytes: int, *, quiet: bool = False, **shape: Any) -> Path:
-    """The synthetic checkpoint for `size_bytes` under `root`; reused when a complete one is there."""
-    from fmtconv.formats.safetensors_io import SafetensorsWriter, TensorSpec, shard_names, write_index
-
-    root = Path(root) if root is not None else DEFAULT_DIR
-    config = synthetic_config(size_bytes, **shape)
-    specs = source_specs(config)
-    stamp = {"generator": GENERATOR_VERSION, "size": size_bytes, "config": config}
-    path = checkpoint_dir(root, size_bytes) if not shape else root / f"deepseek-v4-synthetic-{size_bytes}-{_digest(shape)}"
-    marker = path / "bench-complete.json"
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()) == stamp:
-                return path
-        except (OSError, json.JSONDecodeError):
-            pass
-    total = _bytes(specs)
-    if not quiet:
-        print(f"generating a {total / 1e9:.2f} GB synthetic DeepSeek-V4 checkpoint in {path} ...", file=sys.stderr)
-    from fmtconv.convert.pipeline import check_disk_space
-
-    root.mkdir(parents=True, exist_ok=True)
-    check_disk_space(root, total)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shards: list[list[tuple[str, str, tuple[int, ...], str]]] = [[]]
-    acc = 0
-    for s in specs:
-        nb = TensorSpec(s[0], s[1], s[2]).nbytes
-        if shards[-1] and acc + nb > _SRC_SHARD_BYTES:
-            shards.append([])
-            acc = 0
-        shards[-1].append(s)
-        acc += nb
-    names = shard_names(len(shards))
-    pool = _Pool()
-    weight_map = {}
-    for fname, shard in zip(names, shards):
-        w = SafetensorsWriter(tmp / fname, [TensorSpec(n, d, sh) for n, d, sh, _ in shard], {"format": "pt"})
-        for n, d, sh, kind in shard:
-            w.write(_synth(pool, d, sh, kind))
-            weight_map[n] = fname
-        w.close()
-    write_index(tmp, weight_map, total)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    (tmp / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}) + "\n")
-    (tmp / "bench-complete.json").write_text(json.dumps(stamp))
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-    return path
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# ---------------------------------------------------------------------------------------------
-# The three phases (each runs in a child process)
-# ---------------------------------------------------------------------------------------------
-
-
-def phase_fmtconv(src: Path, out: Path, *, recipe: str, kernel_backend: str, workers: int | None) -> dict[str, Any]:
-    from fmtconv.convert.api import convert
-
-    t0 = time.perf_counter()
-    s = convert(src, out, recipe=recipe, kernel_backend=kernel_backend, workers=workers, quiet=True, overwrite=True)
-    return {"wall_s": time.perf_counter() - t0, "bytes_out": s["bytes_out"]}
-
-
-def phase_usual(src: Path, out: Path, *, recipe: str, max_shard_bytes: int = 5 << 30) -> dict[str, Any]:
-    """Per output tensor: dequantize to bfloat16, stack experts, mx.quantize, save in shards (one process).
-
-    The tensors and their targets come from fmtconv's plan (so both do the same work); the
-    arithmetic is NumPy's FP4 table lookup, MLX's from_fp8, and MLX's quantize on its CPU backend.
-    """
-    import mlx.core as mx
-
-    from fmtconv.convert.api import plan as make_plan
-    from fmtconv.convert.plan import CAST, PASSTHROUGH, REQUANT
-    from fmtconv.formats.safetensors_io import Checkpoint, shard_names
-    from fmtconv.kernels_ref import E2M1_VALUES
-
-    t0 = time.perf_counter()
-    p = make_plan(src, recipe)
-    out.mkdir(parents=True, exist_ok=True)
-    shard: dict[str, Any] = {}
-    size = 0
-    files: list[Path] = []
-    weight_map: dict[str, Path] = {}
-    bytes_out = 0
-
-    def flush() -> None:
-        nonlocal shard, size
-        if shard:
-            f = out / f"shard-{len(files):05d}.safetensors"
-            mx.save_safetensors(str(f), shard, metadata={"format": "mlx"})
-            weight_map.update(dict.fromkeys(shard, f))
-            files.append(f)
-            shard, size = {}, 0
-
-    def decode(ck: Checkpoint, g) -> mx.array:
-        w = ck.raw(g.parts.get("weight", g.name))
-        if g.codec == "mxfp4":
-            packed = w.reshape(g.rows, -1)
-            vals = np.empty((g.rows, packed.shape[1] * 2), dtype=np.float32)
-            vals[:, 0::2] = E2M1_VALUES[packed & 0x0F]
-            vals[:, 1::2] = E2M1_VALUES[packed >> 4]
-            s = np.ldexp(np.float32(1), ck.raw(g.parts["scale"]).reshape(g.rows, -1).astype(np.int32) - 127)
-            vals = (vals.reshape(g.rows, -1, 32) * s[..., None]).reshape(g.shape)
-            return mx.array(vals).astype(mx.bfloat16)
-        if g.codec == "fp8_block":
-            bm, bn = g.params.get("block", (128, 128))
-            x = mx.from_fp8(mx.array(w.reshape(g.shape)), dtype=mx.bfloat16)
-            s = mx.power(2.0, mx.array(ck.raw(g.parts["scale"]).astype(np.float32) - 127)).reshape(-(-g.shape[0] // bm), -1)
-            s = mx.repeat(mx.repeat(s, bm, axis=0), bn, axis=1)[: g.shape[0], : g.shape[1]]
-            return (x * s).astype(mx.bfloat16)
-        return mx.array(np.asarray(ck.array(g.name)))
-
-    with Checkpoint(src) as ck:
-        for pt in p.tensors:
-            t = pt.target
-            parts = [decode(ck, g) for g in t.sources]
-            w = parts[0] if len(parts) == 1 else mx.stack(parts)
-            if t.transform is not None:
-                w = mx.array(np.asarray(t.transform(np.array(w.astype(mx.float32))))).astype(w.dtype)
-            if t.rows is not None:
-                w = w[..., slice(*t.rows), :]
-            if pt.route == REQUANT:
-                wq, sc, bi = mx.quantize(w.astype(mx.bfloat16), group_size=pt.group_size, bits=pt.bits)
-                new = {f"{t.module}.weight": wq, f"{t.module}.scales": sc, f"{t.module}.biases": bi}
-            elif pt.route in (PASSTHROUGH, CAST):
-                new = {t.name: w.astype(getattr(mx, pt.dtype))}
-            else:
-                raise RuntimeError(f"usual pipeline: route {pt.route} not handled")
-            mx.eval(new)
-            nb = sum(v.nbytes for v in new.values())
-            if size + nb > max_shard_bytes:
-                flush()
-            shard.update(new)
-            size += nb
-            bytes_out += nb
-            for g in t.sources:
-                for name in g.parts.values():
-                    ck.release(name)
-            del parts, w
-        flush()
-    for f in files:
-        with open(f, "rb+") as fh:
-            os.fsync(fh.fileno())
-    names = shard_names(len(files))
-    for i, f in enumerate(files):
-        os.replace(f, out / names[i])
-    return {"wall_s": time.perf_counter() - t0, "bytes_out": bytes_out}
-
-
-def phase_copy(src: Path, out: Path, *, bytes_out: int) -> dict[str, Any]:
-    """Read every source weight byte, write `bytes_out` bytes (the source's, repeated as needed), fsync."""
-    t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
-    buf = bytearray(_COPY_CHUNK)
-    view = memoryview(buf)
-    left = bytes_out
-    with open(out / "copy.bin", "wb") as dst:
-        for f in sorted(Path(src).glob("*.safetensors")):
-            with open(f, "rb", buffering=0) as fh:
-                while n := fh.readinto(buf):
-                    k = min(n, left)
-                    if k:
-                        dst.write(view[:k])
-                        left -= k
-        while left > 0:
-            k = min(left, len(buf))
-            dst.write(view[:k])
-            left -= k
-        dst.flush()
-        os.fsync(dst.fileno())
-    return {"wall_s": time.perf_counter() - t0, "bytes_out": bytes_out}
-
-
-# ---------------------------------------------------------------------------------------------
-# Running phases in children and reporting
-# ---------------------------------------------------------------------------------------------
-
-
-def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one phase in a fresh interpreter; its result plus `peak_rss_bytes` (ru_maxrss of that child only)."""
-    with tempfile.TemporaryDirectory(prefix="fmtconv-bench-") as d:
-        result_path = Path(d) / "result.json"
-        cmd = [sys.executable, "-m", "fmtconv.convert.bench", "--phase", phase, "--phase-args", json.dumps(kwargs),
-               "--result", str(result_path)]
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            raise RuntimeError(f"bench phase {phase!r} failed with exit code {proc.returncode}")
-        result = json.loads(result_path.read_text())
-    # ru_maxrss of a child starts at the RSS its parent had when it forked (Linux carries the pre-exec
-    # high-water mark over exec), so the child's own VmHWM is the figure; ru_maxrss is the fallback.
-    result["peak_rss_bytes"] = result.get("vm_hwm_bytes") or usage.ru_maxrss * 1024
-    return result
-
-
-def peak_rss_self() -> int | None:
-    """This process's peak resident set size since exec (VmHWM in /proc/self/status), in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _run_phase(phase: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    fn = {"fmtconv": phase_fmtconv, "usual": phase_usual, "copy": phase_copy}[phase]
-    kw = dict(kwargs)
-    src, out = Path(kw.pop("src")), Path(kw.pop("out"))
-    return fn(src, out, **kw)
-
-
-def same_tensors(a: Path, b: Path) -> bool:
-    """Whether two bundles hold the same tensor names with the same bytes."""
-    from fmtconv.formats.safetensors_io import Checkpoint
-
-    with Checkpoint(a) as x, Checkpoint(b) as y:
-        if set(x.tensors) != set(y.tensors):
-            return False
-        for name in x.tensors:
-            if x.info(name).dtype != y.info(name).dtype or not np.array_equal(x.raw(name), y.raw(name)):
-                return False
-            x.release(name)
-            y.release(name)
-    return True
-
-
-def run_bench(out_dir: Path | None, size_bytes: int, json_out: bool, keep: bool, *, recipe: str = "q4q8",
-              kernel_backend: str = "cpu", workers: int | None = None, phases: tuple[str, ...] = PHASES,
-              shape: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Generate (or reuse) the checkpoint, run the phases, print the table (or JSON), return the results.
-
-    kernel_backend "cpu" by default: the usual pipeline's mx.quantize runs MLX's CPU backend here,
-    so the two bundles must then be byte-identical (checked and reported).
-    """
+def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], workers: int | None, keep: bool, quiet: bool,
+                   shape: dict[str, Any] | None = None, v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every selected phase at one size; the report for that size."""
     from fmtconv.convert.api import plan as make_plan
 
-    root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
-    src = generate_checkpoint(root, size_bytes, quiet=json_out, **(shape or {}))
-    p = make_plan(src, recipe, kernel_backend=kernel_backend)
-    params, bytes_in, bytes_out = p.total_params, p.source_bytes, p.total_bytes
+    load_before = _load()
+    src = generate_checkpoint(root, size_bytes, quiet=quiet, **(shape or {}))
+    p = make_plan(src, V4_RECIPE, kernel_backend="cpu")
+    params, bytes_in = p.total_params, p.source_bytes
     runs = root / "runs"
     results: dict[str, Any] = {}
-    for phase in phases:
-        out = runs / phase
+    commands: dict[str, list[str]] = {}
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, file=sys.stderr)
+
+    def run(name: str, phase: str, kwargs: dict[str, Any], n_params: int, n_in: int, cores: int | None = None,
+            command: list[str] | None = None) -> Path:
+        out = runs / name
         shutil.rmtree(out, ignore_errors=True)
-        if phase == "fmtconv":
-            kw = {"recipe": recipe, "kernel_backend": kernel_backend, "workers": workers}
-        elif phase == "usual":
-            kw = {"recipe": recipe}
-        else:
-            kw = {"bytes_out": bytes_out}
-        if not json_out:
-            print(f"running {phase} ...", file=sys.stderr)
-        r = run_phase_in_child(phase, {"src": str(src), "out": str(out), **kw})
-        wall = r["wall_s"]
-        results[phase] = {
-            "wall_s": round(wall, 3),
-            "params_per_s": round(params / wall, 1),
-            "mb_per_s": round((bytes_in + r["bytes_out"]) / 1e6 / wall, 1),
-            "mb_per_s_in": round(bytes_in / 1e6 / wall, 1),
-            "bytes_out": r["bytes_out"],
-            "peak_rss_mb": round(r["peak_rss_bytes"] / 1e6, 1),
-        }
-    identical = None
-    if {"fmtconv", "usual"} <= set(phases) and kernel_backend == "cpu":
-        identical = same_tensors(runs / "fmtconv", runs / "usual")
+        say(f"running {name} ...")
+        r = run_phase_in_child(phase, {"out": str(out), **kwargs}, cores=cores)
+        results[name] = _figures(r, n_params, n_in)
+        if cores:
+            results[name]["cores"] = cores
+            results[name]["pinned"] = r.get("pinned")
+        if command:
+            results[name]["command"] = " ".join(command)
+        return out
+
+    def v4_args(out_name: str, backend: str) -> list[str]:
+        args = ["convert", str(src), str(runs / out_name), "--recipe", V4_RECIPE, "--kernel-backend", backend, "--quiet"]
+        return args + (["--workers", str(workers)] if workers else [])
+
+    def drop(*names: str) -> None:
+        if not keep:
+            for n in names:
+                shutil.rmtree(runs / n, ignore_errors=True)
+
+    report: dict[str, Any] = {"size_bytes_requested": size_bytes, "checkpoint": str(src), "source_bytes": bytes_in,
+                              "output_bytes": p.total_bytes, "params": params, "recipe": V4_RECIPE, "kernel_backend": "cpu",
+                              "cpus": _cpus()}
+    identical: bool | None = None
+    if "fmtconv" in phases:
+        a = v4_args("fmtconv", "cpu")
+        run("fmtconv", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+    if "usual" in phases:
+        run("usual", "usual", {"src": str(src), "recipe": V4_RECIPE}, params, bytes_in)
+        if "fmtconv" in phases:
+            identical = same_tensors(runs / "fmtconv", runs / "usual")
+        drop("usual")
+    if "copy" in phases:
+        run("copy", "copy", {"src": str(src), "bytes_out": p.total_bytes}, params, bytes_in)
+        drop("copy")
+    if "fmtconv_metal" in phases:
+        a = v4_args("fmtconv_metal", "metal")
+        run("fmtconv_metal", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+        drop("fmtconv_metal")
+    if "threads" in phases:
+        report["thread_scaling"] = _threads(run, results, src, runs, params, bytes_in, drop)
+    drop("fmtconv")
+    report["fmtconv_bytes_equal_usual"] = identical
+    if "v3" in phases:
+        report["v3"] = _v3(root, size_bytes, run, results, runs, quiet, v3_shape, drop)
+        report["v3_bytes_identical"] = report["v3"]["bytes_identical"]
     if not keep:
         shutil.rmtree(runs, ignore_errors=True)
-    report: dict[str, Any] = {
-        "checkpoint": str(src),
-        "source_bytes": bytes_in,
-        "output_bytes": bytes_out,
-        "params": params,
-        "recipe": recipe,
-        "kernel_backend": kernel_backend,
-        "cpus": os.cpu_count(),
-        "phases": results,
-        "fmtconv_bytes_equal_usual": identical,
-    }
-    if "fmtconv" in results:
-        f = results["fmtconv"]["wall_s"]
-        if "usual" in results:
-            report["ratio_fmtconv_over_usual"] = round(results["usual"]["wall_s"] / f, 3)
-        if "copy" in results:
-            report["ratio_fmtconv_over_copy"] = round(results["copy"]["wall_s"] / f, 3)
-    if json_out:
-        print(json.dumps(report, indent=2))
-    else:
-        print_table(report)
+    report["phases"] = results
+    _ratio(report, "ratio_fmtconv_over_usual", "usual", "fmtconv")
+    _ratio(report, "ratio_fmtconv_over_copy", "copy", "fmtconv")
+    _ratio(report, "ratio_fmtconv_metal_over_copy", "copy", "fmtconv_metal")
+    _ratio(report, "ratio_fmtconv_metal_over_usual", "usual", "fmtconv_metal")
+    _ratio(report, "ratio_v3_fmtconv_over_mlx_lm", "v3_mlx_lm", "v3_fmtconv")
+    if "copy" in results:
+        report["copy_mb_per_s"] = results["copy"]["mb_per_s"]
+    fm = [results[k]["peak_rss_mb"] for k in results if k.startswith(("fmtconv", "v3_fmtconv"))]
+    if fm:
+        report["fmtconv_peak_rss_mb"] = max(fm)
+    report["load_avg_before"], report["load_avg_after"] = load_before, _load()
+    report["targets"] = check_targets(report)
     return report
+
+
+def _threads(run, results: dict[str, Any], src: Path, runs: Path, params: int, bytes_in: int, drop) -> dict[str, Any]:
+    """fmtconv (cpu arithmetic) pinned to 1, 2, ... all cores; Mparam/s for each, and whether the bytes agree."""
+    n_all = _cpus()
+    counts = sorted({1, min(2, n_all), n_all})
+    scaling: dict[str, Any] = {"mparam_per_s": {}}
+    same = True
+    for n in counts:
+        name = f"fmtconv_cores_{n}"
+        a = ["convert", str(src), str(runs / name), "--recipe", V4_RECIPE, "--kernel-backend", "cpu", "--quiet", "--workers", str(n)]
+        run(name, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, cores=n, command=fmtconv_command(a))
+        scaling["mparam_per_s"][str(n)] = round(results[name]["params_per_s"] / 1e6, 1)
+        if (runs / "fmtconv").exists():
+            same = same and same_tensors(runs / "fmtconv", runs / name)
+        drop(name)
+    base = scaling["mparam_per_s"]["1"]
+    scaling["speedup_over_1_core"] = {k: round(v / base, 2) for k, v in scaling["mparam_per_s"].items()}
+    scaling["bytes_identical_to_all_core_run"] = same
+    return scaling
+
+
+def _v3(root: Path, size_bytes: int, run, results: dict[str, Any], runs: Path, quiet: bool, v3_shape: dict[str, Any] | None,
+        drop) -> dict[str, Any]:
+    """fmtconv fp8-to-affine and mlx_lm.convert on the DeepSeek-V3-style checkpoint, same settings, bytes compared."""
+    from fmtconv.convert.api import plan as make_plan
+    from fmtconv.convert.recipes import source_recipe
+
+    src = generate_v3_checkpoint(root, size_bytes, quiet=quiet, **(v3_shape or {}))
+    p = make_plan(src, source_recipe(V3_BITS, 64, ("fp8_block",), "v3", other_bits=V3_BITS), kernel_backend="cpu")
+    params, bytes_in = p.total_params, p.source_bytes
+    a = ["fp8-to-affine", str(src), str(runs / "v3_fmtconv"), "--bits", str(V3_BITS), "--other-bits", str(V3_BITS),
+         "--kernel-backend", "cpu", "--quiet"]
+    run("v3_fmtconv", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+    out: dict[str, Any] = {"checkpoint": str(src), "source_bytes": bytes_in, "params": params, "bytes_identical": None}
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        out["mlx_lm"] = "not installed: the v3_mlx_lm phase was skipped"
+        drop("v3_fmtconv")
+        return out
+    cmd = mlx_lm_command(src, runs / "v3_mlx_lm", V3_BITS)
+    run("v3_mlx_lm", "mlx_lm", {"src": str(src), "bits": V3_BITS}, params, bytes_in, command=cmd)
+    out["bytes_identical"] = same_tensors(runs / "v3_fmtconv", runs / "v3_mlx_lm")
+    drop("v3_fmtconv", "v3_mlx_lm")
+    return out
+
+
+def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets against this report: name, value, target, met (None where the phase did not run)."""
+    out = []
+    for name, key, op, threshold in TARGETS:
+        value = report.get(key)
+        checks = {">=": lambda v: v >= threshold, "<=": lambda v: v <= threshold, "==": lambda v: v == threshold}
+        met = None if value is None else bool(checks[op](value))
+        out.append({"name": name, "key": key, "value": value, "target": f"{op} {threshold}", "met": met})
+    return out
+
+
+def scaling_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Between the smallest and largest size: size ratio, and per phase the wall-time and peak-RSS ratios."""
+    a, b = runs[0], runs[-1]
+    out: dict[str, Any] = {"size_ratio": round(b["source_bytes"] / a["source_bytes"], 3), "phases": {}}
+    for name, ra in a["phases"].items():
+        rb = b["phases"].get(name)
+        if rb:
+            out["phases"][name] = {"time_ratio": round(rb["wall_s"] / ra["wall_s"], 3),
+                                   "peak_rss_ratio": round(rb["peak_rss_mb"] / ra["peak_rss_mb"], 3)}
+    return out
+
+
+def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool, keep: bool, *, workers: int | None = None,
+              phases: tuple[str, ...] = PHASES, shape: dict[str, Any] | None = None,
+              v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it."""
+    import json
+
+    unknown = set(phases) - set(PHASES)
+    if unknown:
+        from fmtconv.errors import FmtconvError
+
+        raise FmtconvError(f"unknown bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
+    root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
+    sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
+    reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, shape=shape, v3_shape=v3_shape)
+               for s in sizes]
+    if len(reports) == 1:
+        result = reports[0]
+    else:
+        result = {"runs": reports, "scaling": scaling_report(reports)}
+    result["machine"] = {"cpus": _cpus(), "platform": platform.platform(), "versions": _versions()}
+    if json_out:
+        print(json.dumps(result, indent=2))
+    else:
+        for r in reports:
+            print_table(r)
+        if len(reports) > 1:
+            print_scaling(result["scaling"])
+    return result
 
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"checkpoint  {report['checkpoint']}")
     print(f"            {report['source_bytes'] / 1e9:.2f} GB in, {report['output_bytes'] / 1e9:.2f} GB out, "
-          f"{report['params'] / 1e9:.2f} G params, recipe {report['recipe']}, backend {report['kernel_backend']}, "
-          f"{report['cpus']} CPUs")
-    print(f"{'phase':10s} {'wall s':>9s} {'Mparams/s':>11s} {'MB/s (in+out)':>14s} {'peak RSS MB':>12s}")
+          f"{report['params'] / 1e9:.2f} G params, recipe {report['recipe']}, {report['cpus']} CPUs, "
+          f"load {report['load_avg_before']} -> {report['load_avg_after']}")
+    if "v3" in report:
+        v3 = report["v3"]
+        print(f"v3          {v3['checkpoint']}: {v3['source_bytes'] / 1e9:.2f} GB, {v3['params'] / 1e9:.2f} G params")
+    print(f"{'phase':16s} {'wall s':>9s} {'Mparam/s':>9s} {'MB/s in+out':>12s} {'peak RSS MB':>12s}")
     for name, r in report["phases"].items():
-        print(f"{name:10s} {r['wall_s']:9.2f} {r['params_per_s'] / 1e6:11.1f} {r['mb_per_s']:14.1f} {r['peak_rss_mb']:12.1f}")
-    if "ratio_fmtconv_over_usual" in report:
-        print(f"fmtconv / usual  {report['ratio_fmtconv_over_usual']:.2f}x  (target >= 3)")
-    if "ratio_fmtconv_over_copy" in report:
-        print(f"fmtconv / copy   {report['ratio_fmtconv_over_copy']:.2f}x  (target >= 0.5)")
+        print(f"{name:16s} {r['wall_s']:9.2f} {r['params_per_s'] / 1e6:9.1f} {r['mb_per_s']:12.1f} {r['peak_rss_mb']:12.1f}")
+    if "thread_scaling" in report:
+        ts = report["thread_scaling"]
+        print("threads     " + ", ".join(f"{k} cores {v} Mparam/s" for k, v in ts["mparam_per_s"].items())
+              + f"; bytes identical: {ts['bytes_identical_to_all_core_run']}")
     if report.get("fmtconv_bytes_equal_usual") is not None:
         print(f"fmtconv bytes == usual pipeline bytes: {report['fmtconv_bytes_equal_usual']}")
+    if report.get("v3_bytes_identical") is not None:
+        print(f"fmtconv bytes == mlx_lm.convert bytes (V3): {report['v3_bytes_identical']}")
+    for t in report["targets"]:
+        if t["value"] is not None:
+            print(f"  {t['name']:40s} {t['value']!s:>8s}  target {t['target']:8s} {'met' if t['met'] else 'NOT met'}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fmtconv.convert.bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--size", type=float, default=4e9, help="synthetic checkpoint size in bytes (default 4e9)")
-    ap.add_argument("--dir", help="where the synthetic checkpoint lives (default ./bench-data)")
-    ap.add_argument("--keep", action="store_true")
-    ap.add_argument("--json", action="store_true")
-    ap.add_argument("--backend", default="cpu", choices=["cpu", "metal", "cuda"])
-    ap.add_argument("--workers", type=int)
-    ap.add_argument("--phases", default=",".join(PHASES))
-    ap.add_argument("--phase", help=argparse.SUPPRESS)
-    ap.add_argument("--phase-args", help=argparse.SUPPRESS)
-    ap.add_argument("--result", help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.phase:
-        result = _run_phase(a.phase, json.loads(a.phase_args))
-        result["vm_hwm_bytes"] = peak_rss_self()
-        Path(a.result).write_text(json.dumps(result))
-        return 0
-    run_bench(Path(a.dir) if a.dir else None, int(a.size), a.json, a.keep, kernel_backend=a.backend, workers=a.workers,
-              phases=tuple(x for x in a.phases.split(",") if x))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def print_scaling(s: dict[str, Any]) -> None:
+    print(f"scaling: size x{s['size_ratio']}")
+    for name, r in s["phases"].items():
+        print(f"  {name:16s} time x{r['time_ratio']}, peak RSS x{r['peak_rss_ratio']}")

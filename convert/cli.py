@@ -62,10 +62,10 @@ def _recipe_for(args: argparse.Namespace):
 
     if getattr(args, "recipe", None):
         return load_recipe(args.recipe)
-    if args.command == "mxfp4-to-affine":
-        return source_recipe(args.bits, args.group_size, ("mxfp4",), f"mxfp4-to-affine-{args.bits}bit-g{args.group_size}")
-    if args.command == "fp8-to-affine":
-        return source_recipe(args.bits, args.group_size, ("fp8_block",), f"fp8-to-affine-{args.bits}bit-g{args.group_size}")
+    if args.command in ("mxfp4-to-affine", "fp8-to-affine"):
+        codec = "mxfp4" if args.command == "mxfp4-to-affine" else "fp8_block"
+        name = f"{args.command}-{args.bits}bit-g{args.group_size}" + (f"-other{args.other_bits}" if args.other_bits != 8 else "")
+        return source_recipe(args.bits, args.group_size, (codec,), name, other_bits=args.other_bits)
     return load_recipe("q4q8")
 
 
@@ -197,14 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_inspect)
 
     for name, help_text, default_bits in (
-        ("mxfp4-to-affine", "MXFP4 tensors -> MLX affine at --bits; FP8/dense linear layers 8-bit; small tensors kept", 4),
-        ("fp8-to-affine", "FP8-block tensors -> MLX affine at --bits; other linear layers 8-bit; small tensors kept", 8),
+        ("mxfp4-to-affine", "MXFP4 tensors -> MLX affine at --bits; FP8/dense linear layers at --other-bits; small tensors kept", 4),
+        ("fp8-to-affine", "FP8-block tensors -> MLX affine at --bits; other linear layers at --other-bits; small tensors kept", 8),
     ):
         p = sub.add_parser(name, help=help_text)
         _add_common(p, with_out=True)
         p.add_argument("--bits", type=int, default=default_bits, choices=[2, 3, 4, 5, 6, 8])
         p.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
-        p.add_argument("--recipe", help="preset name or recipe file (overrides --bits/--group-size)")
+        p.add_argument("--other-bits", type=int, default=8, choices=[2, 3, 4, 5, 6, 8],
+                       help="bits for the other linear layers and embeddings (group 64; default 8). With --bits 4 "
+                            "--other-bits 4 every quantizable module gets what `mlx_lm.convert -q --q-bits 4` gives it")
+        p.add_argument("--recipe", help="preset name or recipe file (overrides --bits/--group-size/--other-bits)")
         p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("convert", help="any source format to any target, by recipe")
@@ -226,13 +229,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline vs a plain copy, or the kernels")
+    p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline, a plain copy and mlx_lm.convert, or the kernels")
     p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels"])
-    p.add_argument("--size", type=_parse_size, default="4GB", help="synthetic checkpoint size (pipeline bench)")
-    p.add_argument("--dir", help="where the synthetic checkpoint lives (default ./bench-data)")
+    p.add_argument("--size", type=_parse_size, action="append",
+                   help="synthetic checkpoint size (default 4GB); give it twice (e.g. --size 4GB --size 8GB) for the scaling check")
+    p.add_argument("--dir", help="where the synthetic checkpoints live (default ./bench-data)")
+    p.add_argument("--phases", default="fmtconv,fmtconv_metal,usual,copy,threads,v3",
+                   help="comma-separated subset of fmtconv, fmtconv_metal, usual, copy, threads, v3 (default: all)")
+    p.add_argument("--workers", type=int, help="fmtconv threads in the fmtconv phases (default: all cores)")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
-    p.add_argument("--kernel-backend", default="cpu", choices=["metal", "cuda", "cpu"],
-                   help="fmtconv's affine arithmetic (default cpu: the one mx.quantize runs here, so the bytes compare)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -256,7 +261,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from fmtconv.convert.bench import run_bench
 
-    run_bench(Path(args.dir) if args.dir else None, args.size, args.json, args.keep, kernel_backend=args.kernel_backend)
+    sizes = args.size or [4 * 10**9]
+    phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
+    run_bench(Path(args.dir) if args.dir else None, sizes if len(sizes) > 1 else sizes[0], args.json, args.keep,
+              workers=args.workers, phases=phases)
     return 0
 
 

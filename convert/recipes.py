@@ -237,16 +237,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def source_recipe(source_bits: int, group_size: int, source_codecs: tuple[str, ...], name: str) -> Recipe:
+def source_recipe(source_bits: int, group_size: int, source_codecs: tuple[str, ...], name: str, other_bits: int = 8) -> Recipe:
     """The recipe behind `mxfp4-to-affine` / `fp8-to-affine`: the named source codecs at `source_bits`,
-    every other linear layer and embedding 8-bit, small tensors kept."""
+    every other linear layer and embedding at `other_bits` (group 64), small tensors kept."""
     return Recipe.model_validate(
         {
             "name": name,
-            "description": f"{'/'.join(source_codecs)} tensors {source_bits}-bit affine group {group_size}, other linear layers 8-bit",
+            "description": f"{'/'.join(source_codecs)} tensors {source_bits}-bit affine group {group_size}, "
+                           f"other linear layers {other_bits}-bit",
             "rules": [
                 {"source": list(source_codecs), "mode": "affine", "bits": source_bits, "group_size": group_size, "on_indivisible": "keep"},
-                {"mode": "affine", "bits": 8, "group_size": 64, "on_indivisible": "keep"},
+                {"mode": "affine", "bits": other_bits, "group_size": 64, "on_indivisible": "keep"},
             ],
         }
     )

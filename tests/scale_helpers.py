@@ -57,7 +57,7 @@ def child_script(src: Path, out: Path, *, block_elements: int | None = None, wor
             pipeline.Converter._save_manifest = _slow
         kw = {{}} if {max_shard_bytes!r} is None else {{"max_shard_bytes": {max_shard_bytes!r}}}
         convert({str(src)!r}, {str(out)!r}, recipe={recipe!r}, kernel_backend="cpu", workers={workers}, **kw)
-        from fmtconv.convert.bench import peak_rss_self
+        from fmtconv.convert.bench_phases import peak_rss_self
         print("VMHWM", peak_rss_self())
     """)
 

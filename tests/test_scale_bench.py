@@ -1,28 +1,35 @@
-"""`fmtconv bench` on a tiny synthetic checkpoint: DeepSeek-V4's real naming and dtypes, shapes that mlx_lm's
-deepseek_v41 model expects after fmtconv's layout, the three phases, and the usual pipeline's bytes equal fmtconv's."""
+"""`fmtconv bench` on tiny synthetic checkpoints: DeepSeek-V4's and DeepSeek-V3's real naming and dtypes, shapes
+that mlx_lm's models expect after fmtconv's layouts, every phase, and the byte comparisons (fmtconv vs the usual
+pipeline on V4, fmtconv fp8-to-affine vs mlx_lm.convert on V3, 1 core vs all)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from fmtconv.convert import bench
+from fmtconv.convert import bench, bench_data
 from fmtconv.convert.api import plan
+from fmtconv.convert.recipes import source_recipe
 from fmtconv.formats.safetensors_io import Checkpoint
 
 TINY = {"hidden": 256, "moe_inter": 128, "experts": 4, "vocab": 256, "layers": 3}
+TINY_V3 = {"hidden": 256, "moe_inter": 128, "experts": 4, "vocab": 256, "q_lora": 128, "kv_lora": 128, "layers": 3}
+
+
+def _mlx_lm_shapes(config: dict, module) -> dict[str, tuple[int, ...]]:
+    from mlx.utils import tree_flatten
+
+    model = module.Model(module.ModelArgs.from_dict(config))  # lazy: shapes only
+    return {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
 
 
 def test_synthetic_checkpoint_matches_the_mlx_lm_model(tmp_path: Path) -> None:
-    from mlx.utils import tree_flatten
     from mlx_lm.models import deepseek_v41
 
-    src = bench.generate_checkpoint(tmp_path, 0, quiet=True, **TINY)
+    src = bench_data.generate_checkpoint(tmp_path, 0, quiet=True, **TINY)
     config = json.loads((src / "config.json").read_text())
-    model = deepseek_v41.Model(deepseek_v41.ModelArgs.from_dict(config))  # lazy: shapes only
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     p = plan(src, "q4q8")
-    assert {t.target.name: t.shape for t in p.tensors} == expected
+    assert {t.target.name: t.shape for t in p.tensors} == _mlx_lm_shapes(config, deepseek_v41)
     assert not p.dropped and not p.warnings
     with Checkpoint(src) as ck:
         dtypes = {n: i.dtype for n, i in ck.tensors.items()}
@@ -33,24 +40,63 @@ def test_synthetic_checkpoint_matches_the_mlx_lm_model(tmp_path: Path) -> None:
     assert dtypes["layers.0.hc_attn_fn"] == dtypes["layers.0.attn.attn_sink"] == dtypes["layers.0.ffn.gate.bias"] == "F32"
     # Reused, not regenerated, for the same size and shape.
     stamp = (src / "model-00001-of-00001.safetensors").stat().st_mtime_ns
-    assert bench.generate_checkpoint(tmp_path, 0, quiet=True, **TINY) == src
+    assert bench_data.generate_checkpoint(tmp_path, 0, quiet=True, **TINY) == src
     assert (src / "model-00001-of-00001.safetensors").stat().st_mtime_ns == stamp
 
 
-def test_default_size_is_at_least_4gb() -> None:
-    config = bench.synthetic_config(4 * 10**9)
-    assert bench._bytes(bench.source_specs(config)) >= 4 * 10**9
-    assert config["hidden_size"] == 4096 and config["n_routed_experts"] == 64
+def test_synthetic_v3_checkpoint_matches_the_mlx_lm_model(tmp_path: Path) -> None:
+    from mlx_lm.models import deepseek_v3
+
+    src = bench_data.generate_v3_checkpoint(tmp_path, 0, quiet=True, **TINY_V3)
+    config = json.loads((src / "config.json").read_text())
+    p = plan(src, source_recipe(4, 64, ("fp8_block",), "v3", other_bits=4))
+    assert {t.target.name: t.shape for t in p.tensors} == _mlx_lm_shapes(config, deepseek_v3)
+    assert {t.bits for t in p.tensors if t.route == "requant"} == {4}
+    with Checkpoint(src) as ck:
+        dtypes = {n: i.dtype for n, i in ck.tensors.items()}
+    assert dtypes["model.layers.1.mlp.experts.2.down_proj.weight"] == "F8_E4M3"
+    assert dtypes["model.layers.1.mlp.experts.2.down_proj.weight_scale_inv"] == "F32"
+    assert dtypes["model.embed_tokens.weight"] == dtypes["lm_head.weight"] == "BF16"
+    assert dtypes["model.layers.1.mlp.gate.e_score_correction_bias"] == "F32"
+    assert (src / "tokenizer.json").exists()
 
 
-def test_run_bench_reports_all_phases(tmp_path: Path, capsys) -> None:
-    report = bench.run_bench(tmp_path, 0, True, False, shape=TINY)
+def test_default_sizes_are_at_least_the_request() -> None:
+    for size in (4 * 10**9, 8 * 10**9):
+        config = bench_data.synthetic_config(size)
+        assert bench_data.spec_bytes(bench_data.source_specs(config)) >= size
+        assert config["hidden_size"] == 4096 and config["n_routed_experts"] == 64
+        v3 = bench_data.v3_config(size)
+        assert bench_data.spec_bytes(bench_data.v3_specs(v3)) >= size and v3["hidden_size"] == 4096
+
+
+def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
+    report = bench.run_bench(tmp_path, 0, True, False, shape=TINY, v3_shape=TINY_V3)
     printed = json.loads(capsys.readouterr().out)
     assert printed == report
-    assert set(report["phases"]) == {"fmtconv", "usual", "copy"}
-    for r in report["phases"].values():
+    names = {"fmtconv", "fmtconv_metal", "usual", "copy", "v3_fmtconv", "v3_mlx_lm"}
+    assert names <= set(report["phases"]) and "fmtconv_cores_1" in report["phases"]
+    for name, r in report["phases"].items():
         assert r["wall_s"] > 0 and r["params_per_s"] > 0 and r["mb_per_s"] > 0 and 1e6 < r["peak_rss_mb"] * 1e6 < 4e9
-        assert r["bytes_out"] == report["output_bytes"]
+        if not name.startswith("v3"):
+            assert r["bytes_out"] == report["output_bytes"]
+    for name in ("fmtconv", "fmtconv_metal", "v3_fmtconv", "v3_mlx_lm", "fmtconv_cores_1"):
+        assert report["phases"][name]["command"].startswith(("fmtconv ", "mlx_lm.convert "))
     assert report["fmtconv_bytes_equal_usual"] is True
-    assert report["ratio_fmtconv_over_usual"] > 0 and report["ratio_fmtconv_over_copy"] > 0
+    assert report["v3_bytes_identical"] is True
+    assert report["thread_scaling"]["bytes_identical_to_all_core_run"] is True
+    for key in ("ratio_fmtconv_over_usual", "ratio_fmtconv_over_copy", "ratio_fmtconv_metal_over_copy",
+                "ratio_v3_fmtconv_over_mlx_lm", "copy_mb_per_s", "fmtconv_peak_rss_mb"):
+        assert report[key] > 0, key
+    assert {t["key"] for t in report["targets"]} >= {"ratio_fmtconv_over_copy", "ratio_v3_fmtconv_over_mlx_lm"}
+    assert report["load_avg_before"] is not None and report["machine"]["versions"]["numba"]
     assert not (tmp_path / "runs").exists()  # outputs removed without keep
+
+
+def test_two_sizes_report_scaling(tmp_path: Path, capsys) -> None:
+    small = dict(TINY, layers=2)
+    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), shape=small)
+    capsys.readouterr()
+    # shape fixes the layer count, so both sizes are the same checkpoint: ratios near 1, the structure is what counts
+    assert len(report["runs"]) == 2 and set(report["scaling"]["phases"]) == {"copy"}
+    assert report["scaling"]["size_ratio"] == 1.0
