@@ -13,6 +13,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import shutil
 import threading
@@ -447,6 +448,7 @@ class _FlushBehind:
         self._sha = hashlib.sha256()
         self._pos, self._next, self._target = 0, 0, 0
         self._fd = os.open(path, os.O_RDONLY) if ends is not None else -1
+        self._map: mmap.mmap | None = None
         self._cond = threading.Condition()
         self._stop = False
         self._error: BaseException | None = None
@@ -497,15 +499,23 @@ class _FlushBehind:
             self._error = e
 
     def _advance(self, end: int) -> None:
-        start = self._pos
-        while self._pos < end:
-            chunk = os.pread(self._fd, min(_HASH_CHUNK, end - self._pos), self._pos)
-            if not chunk:
+        """Hash [pos, end) straight from the page cache through a read-only map (no copy), dropping each chunk's
+        pages after it (out of this process's RSS, and out of the page cache once they are on disk)."""
+        if self._map is None:
+            if os.fstat(self._fd).st_size < end:
                 raise OSError(errno.EIO, "shard shorter than planned while hashing")
-            self._sha.update(chunk)
-            self._pos += len(chunk)
-        if self._pos > start and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, start, self._pos - start, os.POSIX_FADV_DONTNEED)
+            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
+        page = mmap.PAGESIZE
+        with memoryview(self._map) as view:
+            while self._pos < end:
+                start, stop = self._pos, min(self._pos + _HASH_CHUNK, end)
+                self._sha.update(view[start:stop])
+                self._pos = stop
+                lo, hi = start // page * page, stop // page * page
+                if hi > lo:
+                    self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                    if hasattr(os, "posix_fadvise"):
+                        os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
 
     def _join(self) -> None:
         if self._thread is not None:
@@ -517,6 +527,9 @@ class _FlushBehind:
 
     def close(self) -> None:
         self._join()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

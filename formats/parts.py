@@ -40,7 +40,10 @@ def expect_shape(arr: np.ndarray, shape: tuple[int, ...], *, name: str | None, w
 
 def refuse_e8m0_nan(codes: np.ndarray, *, name: str | None) -> None:
     """E8M0 code 255 is NaN (OCP MX v1.0 sec. 5.4.1); MLX would read it as +inf. fmtconv refuses it."""
-    bad = np.flatnonzero(codes.reshape(-1) == 255)
+    flat = np.asarray(codes).reshape(-1).view(np.uint8)
+    if not flat.size or flat.max() != 255:  # one vectorised pass; the index is only needed for the message
+        return
+    bad = np.flatnonzero(flat == 255)
     if bad.size:
         raise FmtconvError(
             f"E8M0 scale code 255 (NaN) at flat index {int(bad[0])} ({bad.size} in all); expected codes 0..254",
