@@ -194,7 +194,8 @@ def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, cores: int | None 
                "--result", str(result_path)]
         if cores:
             cmd += ["--cores", str(cores)]
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
+        # The child's stdout goes to our stderr: mlx_lm.convert prints progress, and `--json` owns stdout.
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=2)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:

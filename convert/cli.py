@@ -248,14 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "kernels":
+        from fmtconv.kernels.bench import run_compiled_bench
         from fmtconv.kernels_ref.bench import run_kernel_bench
 
-        result = run_kernel_bench()
+        result = {"reference_vs_mlx": run_kernel_bench(), "compiled": run_compiled_bench()}
         if args.json:
             print(json.dumps(result, indent=2))
         else:
-            for k, v in result.items():
-                print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
+            for section, figures in result.items():
+                print(section)
+                for k, v in figures.items():
+                    print(f"  {k:46s} {v:.3f}" if isinstance(v, float) else f"  {k:46s} {v}")
         return 0
     from pathlib import Path
 

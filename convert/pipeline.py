@@ -321,8 +321,9 @@ class Converter:
                 sum(s.nbytes for s in self.plan.shards[i]) for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"])
             finished = {s.name for i, f in enumerate(self.plan.shard_files) if f in manifest["shards"] for s in self.plan.shards[i]}
             self._tensors_done = sum(1 for pt in self.plan.tensors if all(p.name in finished for p in pt.parts))
-            from fmtconv.kernels import warm_up
+            from fmtconv.kernels import auto_for, warm_up
 
+            auto_for(self.plan.total_params)
             warm_up()  # compile or load the kernels now, not inside the first jobs
             try:
                 with Checkpoint(self.plan.source) as ck:

@@ -74,7 +74,7 @@ def codes_of(vals: np.ndarray, n: int, bias: np.float32, scale: np.float32, n_bi
 @jit
 def key32(b: np.int64) -> np.int64:
     """Order key of a float32 bit pattern (as int64 in [0, 2^32))."""
-    return b ^ (((b >> 31) * 0x7FFFFFFF) | 0x80000000)
+    return b ^ ((-(b >> 31) & 0x7FFFFFFF) | 0x80000000)
 
 
 @jit
@@ -92,7 +92,7 @@ def range32(ubits: np.ndarray, n: int) -> tuple[np.int64, np.int64]:
 @jit
 def key16(b: np.int64) -> np.int64:
     """Order key of a bfloat16 bit pattern (as int64 in [0, 2^16))."""
-    return b ^ (((b >> 15) * 0x7FFF) | 0x8000)
+    return b ^ ((-(b >> 15) & 0x7FFF) | 0x8000)
 
 
 @jit

@@ -1,4 +1,9 @@
-"""The switch between the compiled kernels and kernels_ref, and the warm-up that keeps JIT time out of the hot loop."""
+"""The switch between the compiled kernels and kernels_ref, and the warm-up that keeps JIT time out of the hot loop.
+
+FMTCONV_KERNELS=auto (default): the compiled kernels, except that a conversion smaller than AUTO_MIN_PARAMS
+tells `auto_for` so and then runs the references (numba's ~1.5 s start per process would cost more than
+the kernels save); compiled: always (an error without numba); reference: never.  Bytes are the same.
+"""
 
 from __future__ import annotations
 
@@ -11,21 +16,37 @@ import numpy as np
 from fmtconv import kernels_ref
 from fmtconv.kernels_ref import packing, table_driven
 
-from ._jit import HAVE_NUMBA
+from fmtconv.errors import FmtconvError
 
-KERNELS_ENV = "FMTCONV_KERNELS"  # "compiled" (default) or "reference"
+from ._jit import numba_available
+
+KERNELS_ENV = "FMTCONV_KERNELS"  # "auto" (default), "compiled" or "reference"
+# Below this many parameters a conversion is done by the references before numba has even started
+# (reference ~200 Mparam/s, compiled ~800, numba's start ~1.5 s: break-even near 400 M).
+AUTO_MIN_PARAMS = 1 << 28
 _warm_lock = threading.Lock()
 _warm = False
+_auto = True  # what "auto" means now; auto_for() sets it
 
 
 def compiled() -> bool:
-    """Whether the compiled kernels run (numba present and FMTCONV_KERNELS is not "reference")."""
-    choice = os.environ.get(KERNELS_ENV, "compiled").strip().lower()
-    if choice not in ("compiled", "reference"):
-        from fmtconv.errors import FmtconvError
+    """Whether the compiled kernels run now (FMTCONV_KERNELS, numba's presence, and auto_for's verdict)."""
+    choice = os.environ.get(KERNELS_ENV, "auto").strip().lower()
+    if choice == "reference":
+        return False
+    if choice == "compiled":
+        if not numba_available():
+            raise FmtconvError(f"{KERNELS_ENV}=compiled, but numba is not installed")
+        return True
+    if choice == "auto":
+        return _auto and numba_available()
+    raise FmtconvError(f"{KERNELS_ENV} must be 'auto', 'compiled' or 'reference', got {choice!r}")
 
-        raise FmtconvError(f"{KERNELS_ENV} must be 'compiled' or 'reference', got {choice!r}")
-    return HAVE_NUMBA and choice == "compiled"
+
+def auto_for(params: int) -> None:
+    """Tell "auto" how big the coming work is: the compiled kernels only from AUTO_MIN_PARAMS parameters."""
+    global _auto
+    _auto = params >= AUTO_MIN_PARAMS
 
 
 def affine_quantize(w: np.ndarray, group_size: int = 64, bits: int = 4, *, backend: str = "metal", name: str | None = None):

@@ -1,6 +1,7 @@
 """A conversion writes the same bytes whichever kernels run: compiled (fmtconv.kernels) or the NumPy references.
 
-FMTCONV_KERNELS=reference switches every route to kernels_ref; each case below converts with both and
+FMTCONV_KERNELS=compiled / reference force either (the default, auto, takes the references for conversions
+as small as these, so that numba's start is not paid for them); each case below converts with both and
 compares every shard and the index byte for byte, and checks the compiled routes did run.  The cases
 cover MXFP4 -> affine (DeepSeek-V4, gpt-oss with its gate/up selection), FP8 with E8M0 and float32
 scales (both roundings), dense bfloat16 -> affine, and the three compute dtypes and two arithmetics.
@@ -15,11 +16,12 @@ import pytest
 import fmtconv.kernels as kernels
 from fmtconv.convert import convert
 from fmtconv.kernels import routes
+from fmtconv.kernels._jit import numba_available
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"
 
-pytestmark = pytest.mark.skipif(not kernels.compiled(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 
 
 def _bundle(out: Path) -> dict[str, bytes]:
@@ -60,6 +62,7 @@ def test_bytes_do_not_depend_on_the_kernels(tmp_path: Path, monkeypatch, name, r
         return wrapped
 
     with monkeypatch.context() as m:
+        m.setenv(kernels.KERNELS_ENV, "compiled")
         for mod in (kernels, routes):
             m.setattr(mod, "affine_quantize_mxfp4", counting(real_mxfp4))
             m.setattr(mod, "affine_quantize_fp8", counting(real_fp8))
@@ -70,3 +73,15 @@ def test_bytes_do_not_depend_on_the_kernels(tmp_path: Path, monkeypatch, name, r
         m.setenv(kernels.KERNELS_ENV, "reference")
         convert(src, tmp_path / "reference", **kw)
     assert _bundle(tmp_path / "compiled") == _bundle(tmp_path / "reference")
+
+
+def test_auto_takes_the_references_for_small_conversions(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
+    used = []
+    real = routes.affine_quantize_mxfp4
+    monkeypatch.setattr(kernels, "affine_quantize_mxfp4", lambda *a, **k: (used.append(kernels.compiled()), real(*a, **k))[1])
+    try:
+        convert(FIX / "deepseek-v4-tiny", tmp_path / "out", recipe="q4q8")
+    finally:
+        kernels.auto_for(kernels.AUTO_MIN_PARAMS)  # leave "auto" as a fresh process has it
+    assert used and not any(used)

@@ -19,6 +19,7 @@ from fmtconv.errors import FmtconvError
 from fmtconv.formats import get_codec
 from fmtconv.formats.base import SourceGroup
 from fmtconv.kernels import affine as fast_affine
+from fmtconv.kernels._jit import numba_available
 from fmtconv.kernels import fp8 as fast_fp8
 from fmtconv.kernels import mxfp4 as fast_mxfp4
 from fmtconv.kernels import packing as fast_packing
@@ -27,7 +28,7 @@ from fmtconv.kernels_ref.table_driven import _value_table, affine_quantize_mxfp4
 from test_kernels_affine import BITS, DTYPES, GROUPS, group_has_tie_or_is_negative, load, matrices, mlx_cpu_quantize
 from test_scale_table_driven import _mxfp4_rows
 
-pytestmark = pytest.mark.skipif(not kernels.compiled(), reason="numba is not installed")
+pytestmark = pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 BACKENDS = ("cpu", "metal")
 ALL_DTYPES = tuple(np.dtype(t) for t in DTYPES.values())
 
@@ -67,6 +68,7 @@ def test_property_affine_equals_the_reference(case) -> None:
         assert same(fast_affine.affine_quantize(w, gs, bits, backend=backend), kernels_ref.affine_quantize(w, gs, bits, backend=backend))
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the reference's NaN quotients near float32's limit
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: d.name)
 def test_affine_all_negative_zero_and_constant_groups(dtype: np.dtype) -> None:
     rng = np.random.default_rng(1)
@@ -177,6 +179,7 @@ def _few_bit_scales(rng: np.random.Generator, shape: tuple[int, ...], dtype) -> 
     return (mant * np.exp2(rng.integers(-14, -4, size=shape))).astype(np.float32).astype(dtype)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # float16: large scales overflow it in the NumPy route
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: d.name)
 @pytest.mark.parametrize("kind", ["e8m0", "float32", "bfloat16", "float16"])
 def test_fp8_equals_the_numpy_route(dtype: np.dtype, kind: str) -> None:
@@ -267,7 +270,7 @@ def test_fp8_non_finite_and_extreme_rows(kind: str) -> None:
 
 # ---------------------------------------------------------------- the switch
 
-def test_reference_switch(monkeypatch) -> None:
+def test_the_switch(monkeypatch) -> None:
     w = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
     monkeypatch.setenv(kernels.KERNELS_ENV, "reference")
     assert not kernels.compiled()
@@ -280,3 +283,11 @@ def test_reference_switch(monkeypatch) -> None:
     monkeypatch.setenv(kernels.KERNELS_ENV, "compiled")
     assert kernels.compiled()
     kernels.warm_up()
+    monkeypatch.setenv(kernels.KERNELS_ENV, "auto")
+    try:
+        kernels.auto_for(kernels.AUTO_MIN_PARAMS - 1)  # a small conversion: the references, numba not even started
+        assert not kernels.compiled()
+        kernels.auto_for(kernels.AUTO_MIN_PARAMS)
+        assert kernels.compiled()
+    finally:
+        kernels.auto_for(kernels.AUTO_MIN_PARAMS)
