@@ -79,9 +79,14 @@ def _figures(r: dict[str, Any], params: int, bytes_in: int) -> dict[str, Any]:
     }
 
 
+def _ok(results: dict[str, Any], *names: str) -> bool:
+    """Whether every named phase ran to the end."""
+    return all(n in results and "wall_s" in results[n] for n in names)
+
+
 def _ratio(report: dict[str, Any], key: str, slow: str, fast: str) -> None:
     ph = report["phases"]
-    if slow in ph and fast in ph:
+    if _ok(ph, slow, fast):
         report[key] = round(ph[slow]["wall_s"] / ph[fast]["wall_s"], 3)
 
 
@@ -107,7 +112,11 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
         out = runs / name
         shutil.rmtree(out, ignore_errors=True)
         say(f"running {name} ...")
-        r = run_phase_in_child(phase, {"out": str(out), **kwargs}, cores=cores)
+        try:
+            r = run_phase_in_child(phase, {"out": str(out), **kwargs}, cores=cores)
+        except RuntimeError as e:  # e.g. a peer killed for memory: recorded, the other phases still run
+            results[name] = {"error": str(e), **({"command": " ".join(command)} if command else {})}
+            return out
         results[name] = _figures(r, n_params, n_in)
         if cores:
             results[name]["cores"] = cores
@@ -134,7 +143,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
         run("fmtconv", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
     if "usual" in phases:
         run("usual", "usual", {"src": str(src), "recipe": V4_RECIPE}, params, bytes_in)
-        if "fmtconv" in phases:
+        if _ok(results, "fmtconv", "usual"):
             identical = same_tensors(runs / "fmtconv", runs / "usual")
         drop("usual")
     if "copy" in phases:
@@ -159,9 +168,9 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
     _ratio(report, "ratio_fmtconv_metal_over_copy", "copy", "fmtconv_metal")
     _ratio(report, "ratio_fmtconv_metal_over_usual", "usual", "fmtconv_metal")
     _ratio(report, "ratio_v3_fmtconv_over_mlx_lm", "v3_mlx_lm", "v3_fmtconv")
-    if "copy" in results:
+    if _ok(results, "copy"):
         report["copy_mb_per_s"] = results["copy"]["mb_per_s"]
-    fm = [results[k]["peak_rss_mb"] for k in results if k.startswith(("fmtconv", "v3_fmtconv"))]
+    fm = [results[k]["peak_rss_mb"] for k in results if k.startswith(("fmtconv", "v3_fmtconv")) and _ok(results, k)]
     if fm:
         report["fmtconv_peak_rss_mb"] = max(fm)
     report["load_avg_before"], report["load_avg_after"] = load_before, _load()
@@ -179,12 +188,15 @@ def _threads(run, results: dict[str, Any], src: Path, runs: Path, params: int, b
         name = f"fmtconv_cores_{n}"
         a = ["convert", str(src), str(runs / name), "--recipe", V4_RECIPE, "--kernel-backend", "cpu", "--quiet", "--workers", str(n)]
         run(name, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, cores=n, command=fmtconv_command(a))
+        if not _ok(results, name):
+            continue
         scaling["mparam_per_s"][str(n)] = round(results[name]["params_per_s"] / 1e6, 1)
-        if (runs / "fmtconv").exists():
+        if _ok(results, "fmtconv"):
             same = same and same_tensors(runs / "fmtconv", runs / name)
         drop(name)
-    base = scaling["mparam_per_s"]["1"]
-    scaling["speedup_over_1_core"] = {k: round(v / base, 2) for k, v in scaling["mparam_per_s"].items()}
+    base = scaling["mparam_per_s"].get("1")
+    if base:
+        scaling["speedup_over_1_core"] = {k: round(v / base, 2) for k, v in scaling["mparam_per_s"].items()}
     scaling["bytes_identical_to_all_core_run"] = same
     return scaling
 
@@ -210,7 +222,8 @@ def _v3(root: Path, size_bytes: int, run, results: dict[str, Any], runs: Path, q
         return out
     cmd = mlx_lm_command(src, runs / "v3_mlx_lm", V3_BITS)
     run("v3_mlx_lm", "mlx_lm", {"src": str(src), "bits": V3_BITS}, params, bytes_in, command=cmd)
-    out["bytes_identical"] = same_tensors(runs / "v3_fmtconv", runs / "v3_mlx_lm")
+    if _ok(results, "v3_fmtconv", "v3_mlx_lm"):
+        out["bytes_identical"] = same_tensors(runs / "v3_fmtconv", runs / "v3_mlx_lm")
     drop("v3_fmtconv", "v3_mlx_lm")
     return out
 
@@ -232,7 +245,7 @@ def scaling_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"size_ratio": round(b["source_bytes"] / a["source_bytes"], 3), "phases": {}}
     for name, ra in a["phases"].items():
         rb = b["phases"].get(name)
-        if rb:
+        if _ok(a["phases"], name) and _ok(b["phases"], name):
             out["phases"][name] = {"time_ratio": round(rb["wall_s"] / ra["wall_s"], 3),
                                    "peak_rss_ratio": round(rb["peak_rss_mb"] / ra["peak_rss_mb"], 3)}
     return out
@@ -278,6 +291,9 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"v3          {v3['checkpoint']}: {v3['source_bytes'] / 1e9:.2f} GB, {v3['params'] / 1e9:.2f} G params")
     print(f"{'phase':16s} {'wall s':>9s} {'Mparam/s':>9s} {'MB/s in+out':>12s} {'peak RSS MB':>12s}")
     for name, r in report["phases"].items():
+        if "error" in r:
+            print(f"{name:16s} failed: {r['error']}")
+            continue
         print(f"{name:16s} {r['wall_s']:9.2f} {r['params_per_s'] / 1e6:9.1f} {r['mb_per_s']:12.1f} {r['peak_rss_mb']:12.1f}")
     if "thread_scaling" in report:
         ts = report["thread_scaling"]

@@ -100,3 +100,20 @@ def test_two_sizes_report_scaling(tmp_path: Path, capsys) -> None:
     # shape fixes the layer count, so both sizes are the same checkpoint: ratios near 1, the structure is what counts
     assert len(report["runs"]) == 2 and set(report["scaling"]["phases"]) == {"copy"}
     assert report["scaling"]["size_ratio"] == 1.0
+
+
+def test_a_failing_phase_is_recorded_and_the_others_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    real = bench.run_phase_in_child
+
+    def flaky(phase, kwargs, **kw):
+        if phase == "mlx_lm":
+            raise RuntimeError("bench phase 'mlx_lm' failed with exit code -9")
+        return real(phase, kwargs, **kw)
+
+    monkeypatch.setattr(bench, "run_phase_in_child", flaky)
+    report = bench.run_bench(tmp_path, 0, True, False, phases=("v3",), v3_shape=TINY_V3)
+    capsys.readouterr()
+    assert "wall_s" in report["phases"]["v3_fmtconv"]
+    assert report["phases"]["v3_mlx_lm"]["error"].endswith("-9")
+    assert report["v3_bytes_identical"] is None and "ratio_v3_fmtconv_over_mlx_lm" not in report
+    assert next(t for t in report["targets"] if t["key"] == "ratio_v3_fmtconv_over_mlx_lm")["met"] is None
