@@ -8,13 +8,15 @@ and runs, each phase in a child process (convert/bench_phases.py):
   fmtconv_metal     the same with `--kernel-backend metal` (the GPU arithmetic, computed on the CPU)
   usual             the usual pipeline on V4 (dequantize to bfloat16, mx.quantize, save)
   copy              read the V4 source, write as many bytes as fmtconv writes, fsync: the disk's speed
-  threads           `fmtconv convert V4 ...` pinned to 1, 2 (and all) cores: throughput per core count
+  threads           `fmtconv convert V4 ...` pinned to 1, 2 (and all) cores, output on tmpfs where there is
+                    room (so the compute shows, not the shared disk): throughput per core count
   v3                `fmtconv fp8-to-affine V3 OUT --bits 4 --other-bits 4 --kernel-backend cpu` next to
                     `mlx_lm.convert --hf-path V3 --mlx-path OUT -q --q-bits 4`; same settings, bytes compared
 
-and reports wall time, Mparam/s, MB/s (in + out), peak RSS and the exact command of each phase, the ratios the
-speed issue sets targets for, whether bytes are identical, the machine's load average before and after, and,
-with two sizes, how time and peak RSS scale.  `--json` prints all of it.
+and reports wall time, Mparam/s, MB/s (in + out), peak RSS, CPU seconds, the seconds the machine stalled on
+CPU and on I/O meanwhile (Linux PSI) and the exact command of each phase, the ratios the speed issue sets
+targets for, whether bytes are identical, the load average before and after, and, with two sizes, how time
+and peak RSS scale.  `--json` prints all of it.
 """
 
 from __future__ import annotations
@@ -69,14 +71,20 @@ def _cpus() -> int:
 
 def _figures(r: dict[str, Any], params: int, bytes_in: int) -> dict[str, Any]:
     wall = r["wall_s"]
-    return {
+    out = {
         "wall_s": round(wall, 3),
         "params_per_s": round(params / wall, 1),
         "mb_per_s": round((bytes_in + r["bytes_out"]) / 1e6 / wall, 1),
         "mb_per_s_in": round(bytes_in / 1e6 / wall, 1),
         "bytes_out": r["bytes_out"],
         "peak_rss_mb": round(r["peak_rss_bytes"] / 1e6, 1),
+        # CPU seconds of the child (user + system, interpreter start included): cpu_s / wall_s near the core
+        # count means compute-bound, far below it means waiting (for the disk, or for CPUs others hold)
+        "cpu_s": round(r["cpu_s"], 2),
     }
+    if "stall_s" in r:
+        out["stall_s"] = r["stall_s"]
+    return out
 
 
 def _ok(results: dict[str, Any], *names: str) -> bool:
@@ -108,8 +116,8 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
             print(msg, file=sys.stderr)
 
     def run(name: str, phase: str, kwargs: dict[str, Any], n_params: int, n_in: int, cores: int | None = None,
-            command: list[str] | None = None) -> Path:
-        out = runs / name
+            command: list[str] | None = None, out: Path | None = None) -> Path:
+        out = out or runs / name
         shutil.rmtree(out, ignore_errors=True)
         say(f"running {name} ...")
         try:
@@ -154,7 +162,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
         run("fmtconv_metal", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
         drop("fmtconv_metal")
     if "threads" in phases:
-        report["thread_scaling"] = _threads(run, results, src, runs, params, bytes_in, drop)
+        report["thread_scaling"] = _threads(run, results, src, runs, params, bytes_in, p.total_bytes)
     drop("fmtconv")
     report["fmtconv_bytes_equal_usual"] = identical
     if "v3" in phases:
@@ -178,22 +186,36 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
     return report
 
 
-def _threads(run, results: dict[str, Any], src: Path, runs: Path, params: int, bytes_in: int, drop) -> dict[str, Any]:
-    """fmtconv (cpu arithmetic) pinned to 1, 2, ... all cores; Mparam/s for each, and whether the bytes agree."""
+RAM_DIR = Path("/dev/shm")  # Linux tmpfs: the threads phase writes there when it has room, to time compute, not the disk
+
+
+def _threads_out(runs: Path, out_bytes: int) -> Path:
+    if RAM_DIR.is_dir() and os.access(RAM_DIR, os.W_OK) and shutil.disk_usage(RAM_DIR).free > 1.5 * out_bytes:
+        return RAM_DIR / f"fmtconv-bench-{os.getpid()}"
+    return runs
+
+
+def _threads(run, results: dict[str, Any], src: Path, runs: Path, params: int, bytes_in: int, out_bytes: int) -> dict[str, Any]:
+    """fmtconv (cpu arithmetic) pinned to 1, 2, ... all cores, writing to tmpfs where there is room (so the shared
+    disk does not hide the compute); Mparam/s for each, and whether the bytes agree with the all-core run."""
     n_all = _cpus()
     counts = sorted({1, min(2, n_all), n_all})
-    scaling: dict[str, Any] = {"mparam_per_s": {}}
+    where = _threads_out(runs, out_bytes)
+    scaling: dict[str, Any] = {"mparam_per_s": {}, "output_on": "tmpfs" if where != runs else "disk"}
     same = True
     for n in counts:
         name = f"fmtconv_cores_{n}"
-        a = ["convert", str(src), str(runs / name), "--recipe", V4_RECIPE, "--kernel-backend", "cpu", "--quiet", "--workers", str(n)]
-        run(name, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, cores=n, command=fmtconv_command(a))
+        a = ["convert", str(src), str(where / name), "--recipe", V4_RECIPE, "--kernel-backend", "cpu", "--quiet", "--workers", str(n)]
+        run(name, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, cores=n, command=fmtconv_command(a),
+            out=where / name)
         if not _ok(results, name):
             continue
         scaling["mparam_per_s"][str(n)] = round(results[name]["params_per_s"] / 1e6, 1)
         if _ok(results, "fmtconv"):
-            same = same and same_tensors(runs / "fmtconv", runs / name)
-        drop(name)
+            same = same and same_tensors(runs / "fmtconv", where / name)
+        shutil.rmtree(where / name, ignore_errors=True)  # tmpfs is memory: never kept
+    if where != runs:
+        shutil.rmtree(where, ignore_errors=True)
     base = scaling["mparam_per_s"].get("1")
     if base:
         scaling["speedup_over_1_core"] = {k: round(v / base, 2) for k, v in scaling["mparam_per_s"].items()}
@@ -289,12 +311,13 @@ def print_table(report: dict[str, Any]) -> None:
     if "v3" in report:
         v3 = report["v3"]
         print(f"v3          {v3['checkpoint']}: {v3['source_bytes'] / 1e9:.2f} GB, {v3['params'] / 1e9:.2f} G params")
-    print(f"{'phase':16s} {'wall s':>9s} {'Mparam/s':>9s} {'MB/s in+out':>12s} {'peak RSS MB':>12s}")
+    print(f"{'phase':16s} {'wall s':>9s} {'Mparam/s':>9s} {'MB/s in+out':>12s} {'peak RSS MB':>12s} {'CPU s':>8s}")
     for name, r in report["phases"].items():
         if "error" in r:
             print(f"{name:16s} failed: {r['error']}")
             continue
-        print(f"{name:16s} {r['wall_s']:9.2f} {r['params_per_s'] / 1e6:9.1f} {r['mb_per_s']:12.1f} {r['peak_rss_mb']:12.1f}")
+        print(f"{name:16s} {r['wall_s']:9.2f} {r['params_per_s'] / 1e6:9.1f} {r['mb_per_s']:12.1f} {r['peak_rss_mb']:12.1f} "
+              f"{r['cpu_s']:8.1f}")
     if "thread_scaling" in report:
         ts = report["thread_scaling"]
         print("threads     " + ", ".join(f"{k} cores {v} Mparam/s" for k, v in ts["mparam_per_s"].items())

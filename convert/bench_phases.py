@@ -195,8 +195,10 @@ def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, cores: int | None 
         if cores:
             cmd += ["--cores", str(cores)]
         # The child's stdout goes to our stderr: mlx_lm.convert prints progress, and `--json` owns stdout.
+        before = pressure()
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=2)
         _, status, usage = os.wait4(proc.pid, 0)
+        after = pressure()
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
             raise RuntimeError(f"bench phase {phase!r} failed with exit code {proc.returncode}")
@@ -204,7 +206,22 @@ def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, cores: int | None 
     # ru_maxrss of a child starts at the RSS its parent had when it forked (Linux carries the pre-exec
     # high-water mark over exec), so the child's own VmHWM is the figure; ru_maxrss is the fallback.
     result["peak_rss_bytes"] = result.get("vm_hwm_bytes") or usage.ru_maxrss * 1024
+    result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    if before and after:  # seconds during which some task on the machine waited for a CPU / for I/O (Linux PSI)
+        result["stall_s"] = {k: round((after[k] - before[k]) / 1e6, 2) for k in before}
     return result
+
+
+def pressure() -> dict[str, int] | None:
+    """Linux pressure-stall totals (microseconds) of CPU and I/O "some", or None where /proc/pressure is missing."""
+    out = {}
+    for res in ("cpu", "io"):
+        try:
+            line = Path(f"/proc/pressure/{res}").read_text().splitlines()[0]
+        except (OSError, IndexError):
+            return None
+        out[res] = int(line.rsplit("total=", 1)[1])
+    return out
 
 
 def peak_rss_self() -> int | None:

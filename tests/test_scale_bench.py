@@ -85,6 +85,8 @@ def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
     assert report["fmtconv_bytes_equal_usual"] is True
     assert report["v3_bytes_identical"] is True
     assert report["thread_scaling"]["bytes_identical_to_all_core_run"] is True
+    assert report["thread_scaling"]["output_on"] in ("tmpfs", "disk")
+    assert all(r["cpu_s"] > 0 for r in report["phases"].values())
     for key in ("ratio_fmtconv_over_usual", "ratio_fmtconv_over_copy", "ratio_fmtconv_metal_over_copy",
                 "ratio_v3_fmtconv_over_mlx_lm", "copy_mb_per_s", "fmtconv_peak_rss_mb"):
         assert report[key] > 0, key
