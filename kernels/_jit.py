@@ -34,6 +34,14 @@ def jit(fn: Callable[..., Any]) -> Callable[..., Any]:
     return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
 
 
+def inline(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """jit for the small helpers the row kernels call per group or per element: inlined into them at numba's IR
+    level (they live in other modules, where LLVM would keep them as calls)."""
+    import numba
+
+    return numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")(fn)
+
+
 def readonly(a: Any) -> np.ndarray:
     """A C-contiguous read-only view.  Sources are read-only mmaps; passing every input array read-only
     means each kernel has one compiled specialization (numba types read-only arrays separately)."""

@@ -17,7 +17,7 @@ from fmtconv.errors import FmtconvError
 from fmtconv.kernels_ref.affine import _check_dtype, _check_params
 
 from ._jit import jit, readonly
-from .affine_math import finite16, quantize_group, quantize_range, range16, value16
+from .affine_math import quantize_bf16, quantize_group
 from .packing import pack_group
 
 _NONFINITE = "affine_quantize refuses inf/NaN input (MLX would write undefined codes)"  # kernels_ref's message
@@ -34,20 +34,15 @@ def f16_widening_table() -> np.ndarray:
 def _rows_bf16(x, group_size, bits, metal, wq, scales, biases):
     n, k = x.shape
     ubuf = np.empty(group_size, dtype=np.uint32)
-    vals = ubuf.view(np.float32)
     codes = np.empty(group_size, dtype=np.uint8)
     cvt = np.empty(1, dtype=np.uint32)
     bpg = group_size * bits // 8
     wq8 = wq.view(np.uint8)
     for r in range(n):
         for g in range(k // group_size):
-            h = x[r, g * group_size : (g + 1) * group_size]
-            lo, hi = range16(h, group_size)
-            if not finite16(lo, hi):
+            s, b, ok = quantize_bf16(x[r, g * group_size : (g + 1) * group_size], group_size, bits, metal, ubuf, codes, cvt)
+            if not ok:
                 return r
-            for j in range(group_size):
-                ubuf[j] = np.uint32(h[j]) << 16
-            s, b = quantize_range(vals, group_size, value16(lo, cvt), value16(hi, cvt), bits, metal, codes)
             scales[r, g] = s
             biases[r, g] = b
             pack_group(codes, group_size, bits, wq8[r], g * bpg)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import jit
+from ._jit import inline
 
 EPS = np.float32(1e-7)  # kernels_ref/affine.py _EPS
 HALF = np.float32(0.5)
@@ -23,7 +23,7 @@ ZERO = np.float32(0.0)
 BELOW_HALF = np.float32(0.5) - np.float32(2.0**-25)  # kernels_ref/affine.py _BELOW_HALF
 
 
-@jit
+@inline
 def round_half_away(x: np.float32) -> np.float32:
     """Metal/CUDA `round` (kernels_ref/rounding.py round_half_away): ties away from zero, any x, exact."""
     t = np.trunc(x)
@@ -32,7 +32,7 @@ def round_half_away(x: np.float32) -> np.float32:
     return away if np.abs(x - t) == HALF else near
 
 
-@jit
+@inline
 def group_params(w_min: np.float32, w_max: np.float32, n_bins: np.float32, metal: bool) -> tuple[np.float32, np.float32]:
     """float32 (scale, bias) of one group from its range: kernels_ref/affine.py `_params` (steps 2-4).
 
@@ -49,7 +49,7 @@ def group_params(w_min: np.float32, w_max: np.float32, n_bins: np.float32, metal
     return scale, ZERO
 
 
-@jit
+@inline
 def codes_of(vals: np.ndarray, n: int, bias: np.float32, scale: np.float32, n_bins: np.float32, metal: bool,
              codes: np.ndarray) -> None:
     """Step 5 over vals[:n] into codes[:n]: clamp(round((v - bias) / scale), 0, n_bins).
@@ -71,13 +71,13 @@ def codes_of(vals: np.ndarray, n: int, bias: np.float32, scale: np.float32, n_bi
             codes[j] = np.uint8(min(y, n_bins) if y >= ZERO else ZERO)
 
 
-@jit
+@inline
 def key32(b: np.int64) -> np.int64:
     """Order key of a float32 bit pattern (as int64 in [0, 2^32))."""
     return b ^ ((-(b >> 31) & 0x7FFFFFFF) | 0x80000000)
 
 
-@jit
+@inline
 def range32(ubits: np.ndarray, n: int) -> tuple[np.int64, np.int64]:
     """(min key, max key) over the float32 bit patterns ubits[:n] (uint32)."""
     lo = np.int64(0xFFFFFFFF)
@@ -89,13 +89,13 @@ def range32(ubits: np.ndarray, n: int) -> tuple[np.int64, np.int64]:
     return lo, hi
 
 
-@jit
+@inline
 def key16(b: np.int64) -> np.int64:
     """Order key of a bfloat16 bit pattern (as int64 in [0, 2^16))."""
     return b ^ ((-(b >> 15) & 0x7FFF) | 0x8000)
 
 
-@jit
+@inline
 def range16(hbits: np.ndarray, n: int) -> tuple[np.int64, np.int64]:
     """(min key, max key) over the bfloat16 bit patterns hbits[:n] (uint16)."""
     lo = np.int64(0xFFFF)
@@ -107,26 +107,26 @@ def range16(hbits: np.ndarray, n: int) -> tuple[np.int64, np.int64]:
     return lo, hi
 
 
-@jit
+@inline
 def finite32(lo: np.int64, hi: np.int64) -> bool:
     """Whether every float32 between these keys is finite: above -inf's key, below +inf's key."""
     return lo > 0x007FFFFF and hi < 0xFF800000
 
 
-@jit
+@inline
 def finite16(lo: np.int64, hi: np.int64) -> bool:
     """Whether every bfloat16 between these keys is finite."""
     return lo > 0x007F and hi < 0xFF80
 
 
-@jit
+@inline
 def value32(k: np.int64, cvt: np.ndarray) -> np.float32:
     """The float32 a key32 stands for; cvt is a 1-element uint32 scratch array (numba has no scalar bit cast)."""
     cvt[0] = np.uint32(k ^ 0x80000000 if k >= 0x80000000 else ~k & 0xFFFFFFFF)
     return cvt.view(np.float32)[0]
 
 
-@jit
+@inline
 def value16(k: np.int64, cvt: np.ndarray) -> np.float32:
     """The float32 value of the bfloat16 a key16 stands for."""
     b = k ^ 0x8000 if k >= 0x8000 else ~k & 0xFFFF
@@ -134,7 +134,7 @@ def value16(k: np.int64, cvt: np.ndarray) -> np.float32:
     return cvt.view(np.float32)[0]
 
 
-@jit
+@inline
 def quantize_range(vals: np.ndarray, n: int, w_min: np.float32, w_max: np.float32, bits: int, metal: bool,
                    codes: np.ndarray) -> tuple[np.float32, np.float32]:
     """Steps 1-5 on vals[:n] (float32, finite) whose true min and max are w_min, w_max: codes[:n], (scale, bias)."""
@@ -146,7 +146,7 @@ def quantize_range(vals: np.ndarray, n: int, w_min: np.float32, w_max: np.float3
     return scale, bias
 
 
-@jit
+@inline
 def quantize_group(vals: np.ndarray, n: int, bits: int, metal: bool, codes: np.ndarray,
                    cvt: np.ndarray) -> tuple[np.float32, np.float32, bool]:
     """Steps 1-5 on vals[:n] (float32): codes[:n], and (scale, bias, finite).
@@ -157,4 +157,18 @@ def quantize_group(vals: np.ndarray, n: int, bits: int, metal: bool, codes: np.n
     if not finite32(lo, hi):
         return ONE, ZERO, False
     scale, bias = quantize_range(vals, n, value32(lo, cvt), value32(hi, cvt), bits, metal, codes)
+    return scale, bias, True
+
+
+@inline
+def quantize_bf16(hbits: np.ndarray, n: int, bits: int, metal: bool, ubuf: np.ndarray, codes: np.ndarray,
+                  cvt: np.ndarray) -> tuple[np.float32, np.float32, bool]:
+    """quantize_group for values given as bfloat16 bit patterns hbits[:n] (uint16): the range from their 16-bit keys,
+    the values widened into ubuf (uint32 scratch, n long) by a shift."""
+    lo, hi = range16(hbits, n)
+    if not finite16(lo, hi):
+        return ONE, ZERO, False
+    for j in range(n):
+        ubuf[j] = np.uint32(hbits[j]) << 16
+    scale, bias = quantize_range(ubuf.view(np.float32), n, value16(lo, cvt), value16(hi, cvt), bits, metal, codes)
     return scale, bias, True

@@ -25,7 +25,7 @@ from fmtconv.kernels_ref.tables import e4m3_decode
 
 from ._jit import jit, readonly
 from .affine import outputs
-from .affine_math import finite16, quantize_group, quantize_range, range16, value16
+from .affine_math import quantize_bf16, quantize_group
 from .packing import pack_group
 
 
@@ -92,7 +92,7 @@ def _rows_float_mlx_lm(codes, srows, sc, e4m3, to_dtype, widen_only, bn, group_s
     pbits = pbuf.view(np.uint32)
     hb = np.empty(group_size, dtype=np.uint16)
     ubuf = np.empty(group_size, dtype=np.uint32)
-    vals = ubuf.view(np.float32)
+    vals = np.empty(group_size, dtype=np.float32)
     out = np.empty(group_size, dtype=np.uint8)
     cvt = np.empty(1, dtype=np.uint32)
     bpg = group_size * bits // 8
@@ -104,9 +104,9 @@ def _rows_float_mlx_lm(codes, srows, sc, e4m3, to_dtype, widen_only, bn, group_s
             c0 = g * group_size
             col = _scale_col(c0, group_size, bn)
             if col >= 0:
-                s = srow[col]
+                sv = srow[col]
                 for j in range(group_size):
-                    pbuf[j] = e4m3[crow[c0 + j]] * s  # float32 x float32: the exact product rounded once
+                    pbuf[j] = e4m3[crow[c0 + j]] * sv  # float32 x float32: the exact product rounded once
             else:
                 for j in range(group_size):
                     pbuf[j] = e4m3[crow[c0 + j]] * srow[(c0 + j) // bn]
@@ -118,18 +118,13 @@ def _rows_float_mlx_lm(codes, srows, sc, e4m3, to_dtype, widen_only, bn, group_s
             if bad:
                 return r  # inf/NaN products: the NumPy route refuses them
             if widen_only:  # bfloat16 or float32: the bfloat16 values themselves
-                lo, hi = range16(hb, group_size)
-                if not finite16(lo, hi):
-                    return r
-                for j in range(group_size):
-                    ubuf[j] = np.uint32(hb[j]) << 16
-                s, b = quantize_range(vals, group_size, value16(lo, cvt), value16(hi, cvt), bits, metal, out)
+                s, b, ok = quantize_bf16(hb, group_size, bits, metal, ubuf, out, cvt)
             else:
                 for j in range(group_size):
                     vals[j] = to_dtype[hb[j]]
                 s, b, ok = quantize_group(vals, group_size, bits, metal, out, cvt)
-                if not ok:
-                    return r
+            if not ok:
+                return r
             scales[r, g] = s
             biases[r, g] = b
             pack_group(out, group_size, bits, wq8[r], g * bpg)

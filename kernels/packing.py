@@ -11,13 +11,13 @@ import sys
 
 import numpy as np
 
-from ._jit import jit, readonly
+from ._jit import inline, jit, readonly
 
 if sys.byteorder != "little":  # pragma: no cover - macOS arm64 and Linux x86-64/arm64 are all little-endian
     raise ImportError("fmtconv.kernels writes uint32 words through their byte view and needs a little-endian host")
 
 
-@jit
+@inline
 def pack_group(codes: np.ndarray, n: int, bits: int, out: np.ndarray, o: int) -> None:
     """codes[:n] (uint8, n*bits a multiple of 32) -> out[o : o + n*bits/8] (the uint8 view of the words)."""
     if bits == 8:
