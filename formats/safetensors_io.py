@@ -393,7 +393,7 @@ class SafetensorsWriter:
 
 
 # Linux: POSIX_FADV_DONTNEED on dirty pages starts their writeback without waiting (and keeps them cached).
-_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") and not os.environ.get("FMTCONV_XNOWB") else None
+_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
 
 
 class PreallocatedSafetensorsWriter:
