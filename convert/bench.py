@@ -13,7 +13,8 @@ and runs, each phase in a child process (convert/bench_phases.py):
   v3                `fmtconv fp8-to-affine V3 OUT --bits 4 --other-bits 4 --kernel-backend cpu` next to
                     `mlx_lm.convert --hf-path V3 --mlx-path OUT -q --q-bits 4`; same settings, bytes compared
 
-and reports wall time, Mparam/s, MB/s (in + out), peak RSS, CPU seconds, the seconds the machine stalled on
+(`--repeat N`: the disk-sensitive phases fmtconv, copy, fmtconv_metal and v3_fmtconv N times, interleaved,
+each reporting its median run) and reports wall time, Mparam/s, MB/s (in + out), peak RSS, CPU seconds, the seconds the machine stalled on
 CPU and on I/O meanwhile (Linux PSI) and the exact command of each phase, the ratios the speed issue sets
 targets for, whether bytes are identical, the load average before and after, and, with two sizes, how time
 and peak RSS scale.  `--json` prints all of it.
@@ -98,9 +99,19 @@ def _ratio(report: dict[str, Any], key: str, slow: str, fast: str) -> None:
         report[key] = round(ph[slow]["wall_s"] / ph[fast]["wall_s"], 3)
 
 
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median wall time (the lower middle one for an even count), with every run's wall listed."""
+    done = [r for r in runs if "wall_s" in r]
+    if not done:
+        return runs[0]
+    pick = sorted(done, key=lambda r: r["wall_s"])[(len(done) - 1) // 2]
+    return {**pick, "repeats_wall_s": [r.get("wall_s") for r in runs]} if len(runs) > 1 else pick
+
+
 def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], workers: int | None, keep: bool, quiet: bool,
-                   shape: dict[str, Any] | None = None, v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every selected phase at one size; the report for that size."""
+                   repeat: int = 1, shape: dict[str, Any] | None = None, v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every selected phase at one size; the report for that size.  With repeat > 1 the disk-sensitive phases run
+    that many times, interleaved (fmtconv, copy, fmtconv_metal, ...), and each reports its median run."""
     from fmtconv.convert.api import plan as make_plan
 
     load_before = _load()
@@ -109,7 +120,6 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
     params, bytes_in = p.total_params, p.source_bytes
     runs = root / "runs"
     results: dict[str, Any] = {}
-    commands: dict[str, list[str]] = {}
 
     def say(msg: str) -> None:
         if not quiet:
@@ -146,27 +156,33 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
                               "output_bytes": p.total_bytes, "params": params, "recipe": V4_RECIPE, "kernel_backend": "cpu",
                               "cpus": _cpus()}
     identical: bool | None = None
-    if "fmtconv" in phases:
-        a = v4_args("fmtconv", "cpu")
-        run("fmtconv", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    for i in range(repeat):
+        tag = "" if i == 0 else f"#{i}"  # the first round's fmtconv output is kept for the byte comparisons
+        for name, backend in (("fmtconv", "cpu"), ("copy", None), ("fmtconv_metal", "metal")):
+            if name not in phases:
+                continue
+            if backend is None:
+                run(name + tag, "copy", {"src": str(src), "bytes_out": p.total_bytes}, params, bytes_in)
+            else:
+                a = v4_args(name + tag, backend)
+                run(name + tag, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+            rounds.setdefault(name, []).append(results.pop(name + tag))
+            if name != "fmtconv" or tag:
+                drop(name + tag)
+    for name, rs in rounds.items():
+        results[name] = _median_run(rs)
     if "usual" in phases:
         run("usual", "usual", {"src": str(src), "recipe": V4_RECIPE}, params, bytes_in)
         if _ok(results, "fmtconv", "usual"):
             identical = same_tensors(runs / "fmtconv", runs / "usual")
         drop("usual")
-    if "copy" in phases:
-        run("copy", "copy", {"src": str(src), "bytes_out": p.total_bytes}, params, bytes_in)
-        drop("copy")
-    if "fmtconv_metal" in phases:
-        a = v4_args("fmtconv_metal", "metal")
-        run("fmtconv_metal", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
-        drop("fmtconv_metal")
     if "threads" in phases:
         report["thread_scaling"] = _threads(run, results, src, runs, params, bytes_in, p.total_bytes)
     drop("fmtconv")
     report["fmtconv_bytes_equal_usual"] = identical
     if "v3" in phases:
-        report["v3"] = _v3(root, size_bytes, run, results, runs, quiet, v3_shape, drop)
+        report["v3"] = _v3(root, size_bytes, run, results, runs, quiet, v3_shape, drop, repeat)
         report["v3_bytes_identical"] = report["v3"]["bytes_identical"]
     if not keep:
         shutil.rmtree(runs, ignore_errors=True)
@@ -224,7 +240,7 @@ def _threads(run, results: dict[str, Any], src: Path, runs: Path, params: int, b
 
 
 def _v3(root: Path, size_bytes: int, run, results: dict[str, Any], runs: Path, quiet: bool, v3_shape: dict[str, Any] | None,
-        drop) -> dict[str, Any]:
+        drop, repeat: int = 1) -> dict[str, Any]:
     """fmtconv fp8-to-affine and mlx_lm.convert on the DeepSeek-V3-style checkpoint, same settings, bytes compared."""
     from fmtconv.convert.api import plan as make_plan
     from fmtconv.convert.recipes import source_recipe
@@ -232,9 +248,16 @@ def _v3(root: Path, size_bytes: int, run, results: dict[str, Any], runs: Path, q
     src = generate_v3_checkpoint(root, size_bytes, quiet=quiet, **(v3_shape or {}))
     p = make_plan(src, source_recipe(V3_BITS, 64, ("fp8_block",), "v3", other_bits=V3_BITS), kernel_backend="cpu")
     params, bytes_in = p.total_params, p.source_bytes
-    a = ["fp8-to-affine", str(src), str(runs / "v3_fmtconv"), "--bits", str(V3_BITS), "--other-bits", str(V3_BITS),
-         "--kernel-backend", "cpu", "--quiet"]
-    run("v3_fmtconv", "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+    tries = []
+    for i in range(repeat):
+        name = "v3_fmtconv" if i == 0 else f"v3_fmtconv#{i}"
+        a = ["fp8-to-affine", str(src), str(runs / name), "--bits", str(V3_BITS), "--other-bits", str(V3_BITS),
+             "--kernel-backend", "cpu", "--quiet"]
+        run(name, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
+        tries.append(results.pop(name))
+        if i:
+            drop(name)
+    results["v3_fmtconv"] = _median_run(tries)
     out: dict[str, Any] = {"checkpoint": str(src), "source_bytes": bytes_in, "params": params, "bytes_identical": None}
     try:
         import mlx_lm  # noqa: F401
@@ -274,7 +297,7 @@ def scaling_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool, keep: bool, *, workers: int | None = None,
-              phases: tuple[str, ...] = PHASES, shape: dict[str, Any] | None = None,
+              phases: tuple[str, ...] = PHASES, repeat: int = 1, shape: dict[str, Any] | None = None,
               v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it."""
     import json
@@ -286,8 +309,8 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
         raise FmtconvError(f"unknown bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
     root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
-    reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, shape=shape, v3_shape=v3_shape)
-               for s in sizes]
+    reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
+                              shape=shape, v3_shape=v3_shape) for s in sizes]
     if len(reports) == 1:
         result = reports[0]
     else:

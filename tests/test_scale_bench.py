@@ -95,10 +95,13 @@ def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "runs").exists()  # outputs removed without keep
 
 
-def test_two_sizes_report_scaling(tmp_path: Path, capsys) -> None:
+def test_two_sizes_report_scaling_and_repeats_take_the_median(tmp_path: Path, capsys) -> None:
     small = dict(TINY, layers=2)
-    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), shape=small)
+    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, shape=small)
     capsys.readouterr()
+    for run in report["runs"]:
+        walls = run["phases"]["copy"]["repeats_wall_s"]
+        assert len(walls) == 3 and run["phases"]["copy"]["wall_s"] == sorted(walls)[1]
     # shape fixes the layer count, so both sizes are the same checkpoint: ratios near 1, the structure is what counts
     assert len(report["runs"]) == 2 and set(report["scaling"]["phases"]) == {"copy"}
     assert report["scaling"]["size_ratio"] == 1.0
