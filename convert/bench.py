@@ -14,7 +14,8 @@ and runs, each phase in a child process (convert/bench_phases.py):
                     `mlx_lm.convert --hf-path V3 --mlx-path OUT -q --q-bits 4`; same settings, bytes compared
 
 (`--repeat N`: the disk-sensitive phases fmtconv, copy, fmtconv_metal and v3_fmtconv N times, interleaved,
-each reporting its median run) and reports wall time, Mparam/s, MB/s (in + out), peak RSS, CPU seconds, the seconds the machine stalled on
+each reporting its median run; `--cold`: the source's pages dropped from the page cache before every phase, so
+no phase reads what an earlier one left cached) and reports wall time, Mparam/s, MB/s (in + out), peak RSS, CPU seconds, the seconds the machine stalled on
 CPU and on I/O meanwhile (Linux PSI) and the exact command of each phase, the ratios the speed issue sets
 targets for, whether bytes are identical, the load average before and after, and, with two sizes, how time
 and peak RSS scale.  `--json` prints all of it.
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtconv.convert.bench_data import DEFAULT_DIR, generate_checkpoint, generate_v3_checkpoint
-from fmtconv.convert.bench_phases import fmtconv_command, mlx_lm_command, run_phase_in_child, same_tensors
+from fmtconv.convert.bench_phases import evict_page_cache, fmtconv_command, mlx_lm_command, run_phase_in_child, same_tensors
 
 PHASES = ("fmtconv", "fmtconv_metal", "usual", "copy", "threads", "v3")
 V4_RECIPE = "q4q8"
@@ -109,9 +110,11 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], workers: int | None, keep: bool, quiet: bool,
-                   repeat: int = 1, shape: dict[str, Any] | None = None, v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
+                   repeat: int = 1, cold: bool = False, shape: dict[str, Any] | None = None,
+                   v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every selected phase at one size; the report for that size.  With repeat > 1 the disk-sensitive phases run
-    that many times, interleaved (fmtconv, copy, fmtconv_metal, ...), and each reports its median run."""
+    that many times, interleaved (fmtconv, copy, fmtconv_metal, ...), and each reports its median run; with cold,
+    the source's pages are dropped from the page cache before every phase."""
     from fmtconv.convert.api import plan as make_plan
 
     load_before = _load()
@@ -130,6 +133,8 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
         out = out or runs / name
         shutil.rmtree(out, ignore_errors=True)
         say(f"running {name} ...")
+        if cold:
+            evict_page_cache(Path(kwargs["src"]))
         try:
             r = run_phase_in_child(phase, {"out": str(out), **kwargs}, cores=cores)
         except RuntimeError as e:  # e.g. a peer killed for memory: recorded, the other phases still run
@@ -154,7 +159,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
 
     report: dict[str, Any] = {"size_bytes_requested": size_bytes, "checkpoint": str(src), "source_bytes": bytes_in,
                               "output_bytes": p.total_bytes, "params": params, "recipe": V4_RECIPE, "kernel_backend": "cpu",
-                              "cpus": _cpus()}
+                              "cpus": _cpus(), "page_cache": "cold" if cold and hasattr(os, "posix_fadvise") else "warm"}
     identical: bool | None = None
     rounds: dict[str, list[dict[str, Any]]] = {}
     for i in range(repeat):
@@ -297,7 +302,7 @@ def scaling_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool, keep: bool, *, workers: int | None = None,
-              phases: tuple[str, ...] = PHASES, repeat: int = 1, shape: dict[str, Any] | None = None,
+              phases: tuple[str, ...] = PHASES, repeat: int = 1, cold: bool = False, shape: dict[str, Any] | None = None,
               v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it."""
     import json
@@ -310,7 +315,7 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
     root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
     reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
-                              shape=shape, v3_shape=v3_shape) for s in sizes]
+                              cold=cold, shape=shape, v3_shape=v3_shape) for s in sizes]
     if len(reports) == 1:
         result = reports[0]
     else:
@@ -329,7 +334,7 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
 def print_table(report: dict[str, Any]) -> None:
     print(f"checkpoint  {report['checkpoint']}")
     print(f"            {report['source_bytes'] / 1e9:.2f} GB in, {report['output_bytes'] / 1e9:.2f} GB out, "
-          f"{report['params'] / 1e9:.2f} G params, recipe {report['recipe']}, {report['cpus']} CPUs, "
+          f"{report['params'] / 1e9:.2f} G params, recipe {report['recipe']}, {report['cpus']} CPUs, {report['page_cache']} cache, "
           f"load {report['load_avg_before']} -> {report['load_avg_after']}")
     if "v3" in report:
         v3 = report["v3"]

@@ -235,6 +235,21 @@ def peak_rss_self() -> int | None:
     return None
 
 
+def evict_page_cache(src: Path) -> bool:
+    """Drop a checkpoint's cached pages (POSIX_FADV_DONTNEED on each .safetensors file; only this checkpoint's pages,
+    and only clean ones), so the next phase reads it from the disk; False where the platform cannot."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    for f in sorted(Path(src).glob("*.safetensors")):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # written pages must be clean to be dropped (a freshly generated checkpoint)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    return True
+
+
 def pin_to_cores(n: int) -> bool:
     """Restrict this process to its first n allowed CPUs (Linux); False where the platform cannot."""
     try:

@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=1,
                    help="run fmtconv, copy, fmtconv_metal and v3_fmtconv N times, interleaved, and report each one's median "
                         "run (for shared machines; default 1)")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the source's pages from the page cache before every phase (Linux), so each reads it from disk")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
@@ -270,7 +272,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sizes = args.size or [4 * 10**9]
     phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
     run_bench(Path(args.dir) if args.dir else None, sizes if len(sizes) > 1 else sizes[0], args.json, args.keep,
-              workers=args.workers, phases=phases, repeat=args.repeat)
+              workers=args.workers, phases=phases, repeat=args.repeat, cold=args.cold)
     return 0
 
 

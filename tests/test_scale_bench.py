@@ -97,8 +97,9 @@ def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
 
 def test_two_sizes_report_scaling_and_repeats_take_the_median(tmp_path: Path, capsys) -> None:
     small = dict(TINY, layers=2)
-    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, shape=small)
+    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, cold=True, shape=small)
     capsys.readouterr()
+    assert {r["page_cache"] for r in report["runs"]} <= {"cold", "warm"}
     for run in report["runs"]:
         walls = run["phases"]["copy"]["repeats_wall_s"]
         assert len(walls) == 3 and run["phases"]["copy"]["wall_s"] == sorted(walls)[1]
