@@ -196,15 +196,20 @@ def affine_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, gr
             f"wq {wq.dtype}{wq.shape} does not fit scales {scales.shape} with group_size={group_size}, bits={bits}", tensor=name
         )
     codes = unpack_codes(wq, bits).reshape(scales.shape + (group_size,)).astype(np.float32)
-    s = to_float32(scales)[..., None]
-    b = to_float32(biases)[..., None]
-    if backend == "cpu":
+    out = dequantize_values(codes, to_float32(scales)[..., None], to_float32(biases)[..., None], dtype, backend)
+    return out.reshape(scales.shape[:-1] + (scales.shape[-1] * group_size,))
+
+
+def dequantize_values(codes: np.ndarray, s: np.ndarray, b: np.ndarray, dtype: np.dtype, backend: str) -> np.ndarray:
+    """code * scale + bias in `dtype` with `backend`'s arithmetic (see affine_dequantize), broadcasting.
+
+    codes, s, b: float32 (s and b already hold dtype values); returns an array of `dtype`.
+    """
+    if BACKENDS[backend] == "cpu":
         # Each float32 op then cast equals the correctly rounded op in T (24 >= 2*11 + 2 bits).
         prod = (codes * s).astype(dtype)
-        out = (to_float32(prod) + b).astype(dtype)
-    else:
-        out = _round_once(codes.astype(np.float64) * s.astype(np.float64), b.astype(np.float64), dtype)
-    return out.reshape(scales.shape[:-1] + (scales.shape[-1] * group_size,))
+        return (to_float32(prod) + b).astype(dtype)
+    return _round_once(codes.astype(np.float64) * s.astype(np.float64), b.astype(np.float64), dtype)
 
 
 def _round_once(p: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
