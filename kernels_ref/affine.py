@@ -141,14 +141,21 @@ def _quantize_chunk(x: np.ndarray, bits: int, backend: str, name: str | None):
     if metal:
         np.maximum(w_max, 0, out=w_max)  # GPU: w_max starts at 0
     scale, bias = _params(w_min, w_max, bits, half_away=metal)
-    y = np.subtract(x, bias[:, None])
-    np.divide(y, scale[:, None], out=y)
-    if metal:
+    y = quantize_step(x, scale[:, None], bias[:, None], bits, metal)
+    return y.astype(np.uint8), scale, bias
+
+
+def quantize_step(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int, half_away: bool,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Step 5 on float32 x: clamp(round((x - bias) / scale), 0, n_bins) as float32 (into `out`, which may be x),
+    with Metal's (half_away) or the CPU's rounding."""
+    y = np.subtract(x, bias, out=out)
+    np.divide(y, scale, out=y)
+    if half_away:
         _round_half_away(y)
     else:
         np.rint(y, out=y)
-    np.clip(y, 0, (1 << bits) - 1, out=y)
-    return y.astype(np.uint8), scale, bias
+    return np.clip(y, 0, (1 << bits) - 1, out=y)
 
 
 def affine_quantize(w: np.ndarray, group_size: int = 64, bits: int = 4, *, backend: str = "metal", name: str | None = None):
