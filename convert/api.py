@@ -25,10 +25,11 @@ def plan(
     rounding: str = "mlx-lm",
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    encoder: str = "minmax",
 ) -> Plan:
-    """The conversion plan, nothing written."""
+    """The conversion plan, nothing written.  encoder: the affine encoder of rules that name none ("minmax" | "mse")."""
     return build_plan(src, resolve_recipe(recipe), compute_dtype=compute_dtype, kernel_backend=kernel_backend,
-                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes)
+                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes, encoder=encoder)
 
 
 def convert(
@@ -46,13 +47,14 @@ def convert(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     model_card: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    encoder: str = "minmax",
 ) -> dict[str, Any]:
     """Convert SRC into an MLX bundle at OUT; returns the run summary. Resumes an interrupted run."""
     from fmtconv.convert.pipeline import Converter, check_out_path
 
     check_out_path(Path(src), Path(out), overwrite)
     p = plan(src, recipe, compute_dtype=compute_dtype, kernel_backend=kernel_backend, rounding=rounding,
-             family=family, max_shard_bytes=max_shard_bytes)
+             family=family, max_shard_bytes=max_shard_bytes, encoder=encoder)
     extra = _model_card_writer(p) if model_card else None
     if progress is None and not quiet and sys.stderr.isatty():
         from fmtconv.convert.progress import RichProgress

@@ -35,6 +35,7 @@ import numpy as np
 GENERATOR_VERSION = 1
 DEFAULT_DIR = Path("bench-data")
 PHASES = ("fmtconv", "usual", "copy")
+PHASES_ALL = ("fmtconv", "mse", "usual", "copy")  # mse: the fmtconv phase with the error-minimising encoder
 _SRC_SHARD_BYTES = 2 * 10**9
 _POOL_BYTES = 1 << 26  # random bytes reused at random offsets: generation is bound by the disk, not the RNG
 _COPY_CHUNK = 1 << 24
@@ -300,11 +301,13 @@ def _digest(obj: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def phase_fmtconv(src: Path, out: Path, *, recipe: str, kernel_backend: str, workers: int | None) -> dict[str, Any]:
+def phase_fmtconv(src: Path, out: Path, *, recipe: str, kernel_backend: str, workers: int | None,
+                  encoder: str = "minmax") -> dict[str, Any]:
     from fmtconv.convert.api import convert
 
     t0 = time.perf_counter()
-    s = convert(src, out, recipe=recipe, kernel_backend=kernel_backend, workers=workers, quiet=True, overwrite=True)
+    s = convert(src, out, recipe=recipe, kernel_backend=kernel_backend, workers=workers, quiet=True, overwrite=True,
+                encoder=encoder)
     return {"wall_s": time.perf_counter() - t0, "bytes_out": s["bytes_out"]}
 
 
@@ -453,7 +456,7 @@ def peak_rss_self() -> int | None:
 
 
 def _run_phase(phase: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    fn = {"fmtconv": phase_fmtconv, "usual": phase_usual, "copy": phase_copy}[phase]
+    fn = {"fmtconv": phase_fmtconv, "mse": phase_fmtconv, "usual": phase_usual, "copy": phase_copy}[phase]
     kw = dict(kwargs)
     src, out = Path(kw.pop("src")), Path(kw.pop("out"))
     return fn(src, out, **kw)
@@ -493,8 +496,9 @@ def run_bench(out_dir: Path | None, size_bytes: int, json_out: bool, keep: bool,
     for phase in phases:
         out = runs / phase
         shutil.rmtree(out, ignore_errors=True)
-        if phase == "fmtconv":
-            kw = {"recipe": recipe, "kernel_backend": kernel_backend, "workers": workers}
+        if phase in ("fmtconv", "mse"):
+            kw = {"recipe": recipe, "kernel_backend": kernel_backend, "workers": workers,
+                  "encoder": "mse" if phase == "mse" else "minmax"}
         elif phase == "usual":
             kw = {"recipe": recipe}
         else:
@@ -533,6 +537,8 @@ def run_bench(out_dir: Path | None, size_bytes: int, json_out: bool, keep: bool,
             report["ratio_fmtconv_over_usual"] = round(results["usual"]["wall_s"] / f, 3)
         if "copy" in results:
             report["ratio_fmtconv_over_copy"] = round(results["copy"]["wall_s"] / f, 3)
+        if "mse" in results:
+            report["ratio_mse_over_minmax"] = round(results["mse"]["wall_s"] / f, 3)
     if json_out:
         print(json.dumps(report, indent=2))
     else:
@@ -552,6 +558,8 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"fmtconv / usual  {report['ratio_fmtconv_over_usual']:.2f}x  (target >= 3)")
     if "ratio_fmtconv_over_copy" in report:
         print(f"fmtconv / copy   {report['ratio_fmtconv_over_copy']:.2f}x  (target >= 0.5)")
+    if "ratio_mse_over_minmax" in report:
+        print(f"mse / minmax     {report['ratio_mse_over_minmax']:.2f}x wall  (target <= 3)")
     if report.get("fmtconv_bytes_equal_usual") is not None:
         print(f"fmtconv bytes == usual pipeline bytes: {report['fmtconv_bytes_equal_usual']}")
 

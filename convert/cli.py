@@ -82,7 +82,7 @@ def _plan_from_args(args: argparse.Namespace):
 
     _resolve_src(args)
     return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size)
+                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, encoder=args.encoder)
 
 
 def _print_plan(p, console) -> None:
@@ -127,7 +127,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
             raise FmtconvError(f"no {codec} tensors found; use `fmtconv convert --recipe` for this checkpoint", file=args.src)
     result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
                      rounding=args.rounding, family=args.family, overwrite=args.overwrite, quiet=args.quiet or args.json,
-                     workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card)
+                     workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card,
+                     encoder=args.encoder)
     if args.json:
         print(json.dumps(result, indent=2))
     elif not args.quiet:
@@ -160,6 +161,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             report = verify_bundle(args.out, src, pairs=source_pairs(args.out, src, ck), threshold_db=args.threshold)
     else:
         report = verify_bundle(args.out, threshold_db=args.threshold)
+    if args.compare_encoders:
+        from fmtconv.convert.encoder_compare import compare_encoders
+
+        if not args.source:
+            raise FmtconvError("--compare-encoders needs --source (the values both encoders are run on)")
+        report.encoders = compare_encoders(args.out, src)
     print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text())
     return 0 if report.ok else 1
 
@@ -174,6 +181,9 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("--rounding", default="mlx-lm", choices=["mlx-lm", "exact"],
                    help="FP8 x float32 scale: round as mlx_lm's sanitize does (default) or once, exactly")
     p.add_argument("--family", help="model layout family (default: from config model_type)")
+    p.add_argument("--encoder", default="minmax", choices=["minmax", "mse"],
+                   help="affine scales/biases: minmax (MLX's own, bit-exact with mx.quantize, default) or mse "
+                        "(error-minimising, same format and size); a recipe rule's `encoder` overrides it")
     p.add_argument("--max-shard-size", type=_parse_size, default="5GiB", help="shard size cap (default 5GiB, as mlx_lm)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--revision", help="hub revision when SRC is a repo id (org/name)")
@@ -223,16 +233,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision when --source is a repo id")
     p.add_argument("--cache-dir", help="hub cache directory")
     p.add_argument("--threshold", type=float, help="SQNR floor in dB for outliers (default: per output kind)")
+    p.add_argument("--compare-encoders", action="store_true",
+                   help="with --source: re-encode every affine module with minmax and with mse, SQNR per module pattern")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline vs a plain copy, or the kernels")
-    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels"])
+    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels", "encoders"])
     p.add_argument("--size", type=_parse_size, default="4GB", help="synthetic checkpoint size (pipeline bench)")
     p.add_argument("--dir", help="where the synthetic checkpoint lives (default ./bench-data)")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
     p.add_argument("--kernel-backend", default="cpu", choices=["metal", "cuda", "cpu"],
                    help="fmtconv's affine arithmetic (default cpu: the one mx.quantize runs here, so the bytes compare)")
+    p.add_argument("--phases", default="fmtconv,usual,copy",
+                   help="pipeline bench phases, comma-separated: fmtconv, mse (fmtconv with --encoder mse), usual, copy")
+    p.add_argument("--source", action="append", help="encoders bench: also measure this checkpoint's tensors (repeatable)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -252,11 +267,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             for k, v in result.items():
                 print(f"{k:32s} {v:.3f}" if isinstance(v, float) else f"{k:32s} {v}")
         return 0
+    if args.what == "encoders":
+        from fmtconv.convert.encoder_bench import print_encoder_table, run_encoder_bench
+
+        rows = run_encoder_bench(args.source or [], kernel_backend=args.kernel_backend)
+        print(json.dumps(rows, indent=2) if args.json else print_encoder_table(rows))
+        return 0
     from pathlib import Path
 
-    from fmtconv.convert.bench import run_bench
+    from fmtconv.convert.bench import PHASES_ALL, run_bench
 
-    run_bench(Path(args.dir) if args.dir else None, args.size, args.json, args.keep, kernel_backend=args.kernel_backend)
+    phases = tuple(x for x in args.phases.split(",") if x)
+    if not phases or set(phases) - set(PHASES_ALL):
+        raise FmtconvError(f"--phases {args.phases!r}: choose from {', '.join(PHASES_ALL)}")
+    run_bench(Path(args.dir) if args.dir else None, args.size, args.json, args.keep, kernel_backend=args.kernel_backend,
+              phases=phases)
     return 0
 
 

@@ -91,6 +91,25 @@ def _fmt_db(x: Any) -> str:
     return "exact" if math.isinf(x) and x > 0 else f"{x:.2f}"
 
 
+_ENCODER_TEXT = {
+    "minmax": "minmax (MLX's own min/max scales and biases, bit-exact with `mx.quantize`)",
+    "mse": "mse (scales and biases fitted to minimise each group's squared error; plain MLX affine, same size)",
+}
+
+
+def encoder_summary(config: Mapping[str, Any]) -> str | None:
+    """Which affine encoder wrote the bundle, from config.json's `fmtconv` record (None: no record, no affine module)."""
+    prov = config.get("fmtconv") if isinstance(config.get("fmtconv"), Mapping) else None
+    if not prov or "encoder" not in prov:
+        return None
+    used = prov.get("encoders") or {}
+    names = sorted(set(used.values())) or [prov["encoder"]]
+    if len(names) == 1:
+        return _ENCODER_TEXT.get(names[0], names[0])
+    return "; ".join(f"{_ENCODER_TEXT.get(n, n)}: " + ", ".join(f"`{p}`" for p, e in sorted(used.items()) if e == n)
+                     for n in names)
+
+
 def render_model_card(
     config: Mapping[str, Any],
     source: str | None,
@@ -138,6 +157,9 @@ def render_model_card(
     dtype = config.get("torch_dtype") or config.get("dtype")
     if dtype:
         out.append(f"| Compute dtype | {dtype} |")
+    enc = encoder_summary(config)
+    if enc:
+        out.append(f"| Affine encoder | {enc} |")
     out.append("")
 
     out += ["## Modules", "",

@@ -140,6 +140,41 @@ class Converter:
         like_mlx_lm = self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and exact.values.dtype == np.float64
         return exact.to(dtype, like_mlx_lm=like_mlx_lm)
 
+    def _affine_mse(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
+        """Affine with the error-minimising encoder: from MXFP4 codes by histogram (kernels_ref.mxfp4_mse) where that
+        route applies, else on the rows rounded to the compute dtype (kernels_ref.affine_mse)."""
+        from fmtconv.kernels_ref.affine_mse import affine_quantize_mse
+        from fmtconv.kernels_ref.mxfp4_mse import affine_quantize_mxfp4_mse
+
+        g = pt.target.sources[job.src]
+        dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
+        backend = self.plan.kernel_backend
+        out = None
+        if g.codec == "mxfp4" and pt.target.transform is None:
+            rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
+            packed = select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
+            out = affine_quantize_mxfp4_mse(packed, select_rows(np.asarray(rep["scales"]), pt), pt.group_size, pt.bits,
+                                            dtype=dtype, backend=backend)
+        if out is None:  # as _encode prepares rows for affine_quantize
+            v = self._values(pt, parts, job.src, (job.start, job.stop), dtype).reshape(-1, g.shape[-1])
+            if pt.target.transform is not None:
+                v = pt.target.transform(v.reshape(g.shape))
+                v = np.ascontiguousarray(v).reshape(-1, v.shape[-1])
+            out = affine_quantize_mse(select_rows(v, pt), pt.group_size, pt.bits, backend=backend)
+        module = pt.target.module
+        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
+
+    def encode_job(self, ck: Checkpoint, job: Job) -> dict[str, np.ndarray]:
+        """One job's output arrays in memory, nothing written (verify --compare-encoders, bench encoders)."""
+        g = job.tensor.target.sources[job.src]
+        parts = {role: ck.array(name) for role, name in g.parts.items()}
+        try:
+            return self._encode(job.tensor, parts, job)
+        finally:
+            del parts
+            for name in g.parts.values():
+                ck.release(name)
+
     def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
         """Output part arrays (by output tensor name) for one job's rows."""
         from fmtconv import kernels_ref
@@ -157,6 +192,8 @@ class Converter:
         if pt.route == EXACT_AFFINE:
             rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
             return {f"{module}.{r}": select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
+        if pt.route == REQUANT and pt.mode == "affine" and pt.encoder == "mse":
+            return self._affine_mse(pt, parts, job)
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
         if pt.route == REQUANT and pt.mode == "affine" and g.codec == "mxfp4" and pt.target.transform is None:
             fast = self._affine_from_mxfp4(pt, parts, job, dtype)
@@ -536,6 +573,8 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "recipe_rules": plan.recipe.model_dump(mode="json")["rules"],
         "kernel_backend": plan.kernel_backend,
         "rounding": plan.rounding,
+        "encoder": plan.encoder,
+        "encoders": plan.encoder_patterns(),
     }
     return config
 

@@ -18,7 +18,7 @@ import numpy as np
 from fmtconv import __version__
 from fmtconv.convert.bundle_check import module_pattern
 from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
-from fmtconv.convert.recipes import FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
+from fmtconv.convert.recipes import ENCODERS, FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
 from fmtconv.formats import rounding
 from fmtconv.formats.dtypes import dtype_name_for
@@ -48,6 +48,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # logical shape of the output weight
     parts: list[TensorSpec] = field(default_factory=list)
     rule: str = ""
+    encoder: str | None = None  # affine re-quantization only: "minmax" | "mse"
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +78,7 @@ class Plan:
     shards: list[list[TensorSpec]]
     source_files: dict[str, tuple[int, int]]  # file name -> (size, mtime_ns), to detect changes
     source_bytes: int
+    encoder: str = "minmax"  # the run's default affine encoder (a rule's `encoder` overrides it)
 
     @property
     def shard_files(self) -> list[str]:
@@ -119,7 +121,13 @@ class Plan:
         h.update(json.dumps(sorted(self.source_files.items())).encode())
         for t in self.tensors:
             h.update(json.dumps([t.target.name, t.route, t.mode, t.bits, t.group_size, t.dtype, [(p.name, p.dtype, p.shape) for p in t.parts]]).encode())
+            if t.encoder == "mse":  # minmax plans keep the fingerprint they had before encoders existed
+                h.update(b"encoder=mse")
         return h.hexdigest()
+
+    def encoder_patterns(self) -> dict[str, str]:
+        """Module pattern -> affine encoder, for every re-quantized affine module (config.json and the model card)."""
+        return {module_pattern(t.target.module): t.encoder for t in self.tensors if t.encoder is not None}
 
     def table(self) -> list[dict[str, Any]]:
         """Per module pattern (layer index -> {i}): mode, bits, group size, route, count, bytes."""
@@ -154,10 +162,11 @@ class Plan:
             "compute_dtype": self.compute_dtype,
             "kernel_backend": self.kernel_backend,
             "rounding": self.rounding,
+            "encoder": self.encoder,
             "tensors": [
                 {"name": t.target.name, "module": t.target.module, "route": t.route, "mode": t.mode, "bits": t.bits,
                  "group_size": t.group_size, "dtype": t.dtype, "source_codec": t.source_codec, "shape": list(t.shape),
-                 "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule}
+                 "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule, "encoder": t.encoder}
                 for t in self.tensors
             ],
             "table": self.table(),
@@ -244,6 +253,7 @@ def build_plan(
     rounding: str = "mlx-lm",
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    encoder: str = "minmax",
 ) -> Plan:
     """Plan a conversion without writing anything."""
     from fmtconv.formats.grouping import find_groups
@@ -253,6 +263,8 @@ def build_plan(
         raise FmtconvError(f"--kernel-backend {kernel_backend!r} is not one of metal, cuda, cpu")
     if rounding not in ("mlx-lm", "exact"):
         raise FmtconvError(f"--rounding {rounding!r} is not one of mlx-lm, exact")
+    if encoder not in ENCODERS:
+        raise FmtconvError(f"--encoder {encoder!r} is not one of {', '.join(ENCODERS)}")
     if not src.is_dir():
         raise FmtconvError("source must be a checkpoint directory", file=src)
     config = read_config(src)
@@ -274,7 +286,7 @@ def build_plan(
     warnings: list[str] = []
     planned: list[PlannedTensor] = []
     for t in targets:
-        planned.append(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored))
+        planned.append(_with_encoder(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored), recipe, n_layers, encoder))
     for pattern in recipe.unused_rules(t.target.module for t in planned):
         warnings.append(f"recipe rule match {pattern!r} selects no module")
     kept = [p for p in planned if p.route != DROP]
@@ -286,7 +298,16 @@ def build_plan(
             raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
         seen.add(s.name)
     shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
-    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes)
+    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes,
+                encoder)
+
+
+def _with_encoder(pt: PlannedTensor, recipe: Recipe, n_layers: int, default: str) -> PlannedTensor:
+    """Affine re-quantizations get their rule's encoder, else the run's default."""
+    if pt.route == REQUANT and pt.mode == "affine":
+        rule = recipe.target_for(pt.target.module, pt.source_codec, quantizable=True, num_layers=n_layers)
+        pt.encoder = getattr(rule, "encoder", None) or default
+    return pt
 
 
 def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str], layout: ModelLayout,

@@ -27,6 +27,8 @@ else:  # Python 3.10
     import tomli as tomllib
 
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+# Affine encoders: MLX's own min/max rule (bit-exact with mx.quantize) or the error-minimising one (kernels_ref.affine_mse).
+ENCODERS = ("minmax", "mse")
 # Fixed (bits, group_size) of MLX's floating-point modes (mlx/ops.cpp, quantize: mode checks).
 FP_MODE_PARAMS = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -74,6 +76,8 @@ class AffineRule(_Rule):
     group_size: Literal[32, 64, 128] = 64
     exact: bool = Field(False, description="only the lossless MXFP4 -> affine route; fail otherwise")
     on_indivisible: Literal["error", "keep"] = "error"
+    encoder: Literal["minmax", "mse"] | None = Field(None, description="scales/biases: MLX's min/max or error-minimising; "
+                                                     "default: the run's --encoder")
 
 
 class FpRule(_Rule):
