@@ -79,10 +79,21 @@ class _Fit:
         self.t0 = x.sum(axis=1, dtype=np.float64)
         self.v2 = np.einsum("ij,ij->i", x, x, dtype=np.float64)
 
-    def __call__(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def sums(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """float64 sum q, sum q^2, sum q*x per group."""
         s1 = (q @ self.ones).astype(np.float64)  # integer sums: exact in float32 (< 2^24)
         s2 = np.einsum("ij,ij->i", q, q).astype(np.float64)
         t1 = np.einsum("ij,ij->i", q, self.x).astype(np.float64)
+        return s1, s2, t1
+
+    def error(self, sums: tuple[np.ndarray, np.ndarray, np.ndarray], scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        """Squared error of fixed codes (their sums) at (scale, bias), real arithmetic; broadcasts over extra axes."""
+        s1, s2, t1 = (a.reshape(a.shape + (1,) * (scale.ndim - 1)) for a in sums)
+        t0, v2 = (a.reshape(a.shape + (1,) * (scale.ndim - 1)) for a in (self.t0, self.v2))
+        return (s2 * scale * scale + 2.0 * s1 * scale * bias + self.n * bias * bias - 2.0 * t1 * scale - 2.0 * t0 * bias + v2)
+
+    def __call__(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        s1, s2, t1 = self.sums(q)
         n, t0 = self.n, self.t0
         det = n * s2 - s1 * s1
         ok = det > 0
@@ -121,10 +132,31 @@ def search_params(x: np.ndarray, bits: int, dtype: np.dtype) -> tuple[np.ndarray
         s, b, r = fit(_nearest(x, best_s, best_b, n_bins, buf))
         better = r < best_r
         best_s, best_b, best_r = np.where(better, s, best_s), np.where(better, b, best_b), np.where(better, r, best_r)
+    return _round_pair(fit, fit.sums(_nearest(x, best_s, best_b, n_bins, buf)), best_s, best_b, dtype)
+
+
+def _round_pair(fit: _Fit, sums: tuple[np.ndarray, np.ndarray, np.ndarray], scale: np.ndarray, bias: np.ndarray,
+                dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The dtype pair nearest the real optimum that serves the codes best: scale rounded and its two dtype
+    neighbours, each with the best real bias for it rounded and its neighbours (9 pairs, rated by the exact
+    quadratic error of the fixed codes).  float32 arrays holding dtype values."""
+    rel = 2.0 ** -(np.finfo(dtype).nmant + 1)  # half a unit in the last place, relative: reaches the neighbours
+
+    def near(v: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore", invalid="ignore"):
+            c = np.stack([v, v * (1 - 2 * rel), v * (1 + 2 * rel)], axis=-1)
+            return to_float32(c.astype(np.float32).astype(dtype)).astype(np.float64)
+
+    s1, _, _ = sums
+    sc = near(scale)[:, :, None]  # (groups, 3, 1)
+    bb = near((fit.t0[:, None] - sc[:, :, 0] * s1[:, None]) / fit.n)[:, :, :]  # (groups, 3 scales, 3 biases)
+    sc = np.broadcast_to(sc, bb.shape)
     with np.errstate(over="ignore", invalid="ignore"):
-        scale = to_float32(best_s.astype(np.float32).astype(dtype))
-        bias = to_float32(best_b.astype(np.float32).astype(dtype))
-    return scale, bias
+        err = fit.error(sums, sc, bb)
+    err = np.where(np.isfinite(err) & (sc > 0), err, np.inf).reshape(len(err), -1)
+    k = np.argmin(err, axis=1)
+    pick = np.arange(len(k))
+    return sc.reshape(len(k), -1)[pick, k].astype(np.float32), bb.reshape(len(k), -1)[pick, k].astype(np.float32)
 
 
 def choose(x: np.ndarray, mse: tuple[np.ndarray, np.ndarray, np.ndarray], minmax: tuple[np.ndarray, np.ndarray, np.ndarray],
