@@ -42,7 +42,7 @@ from .tables import E2M1_VALUES
 
 MAX_OFFSET = 3  # block exponents at most this far below the group's largest are tabulated
 _EXP_RANGE = 100  # |largest exponent| up to which every level and product stays a normal float
-_LLOYD_STEPS = 2
+_LLOYD_STEPS = 1
 _TABLE_MARGIN = 1e-5  # relative: the table's float32 error sums must beat min/max by more than their rounding
 _ROWS_PER_STEP = 1 << 13  # blocks per vectorised step (the groups x candidates error matrix stays in L2/L3)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
