@@ -86,12 +86,6 @@ class _Fit:
         t1 = np.einsum("ij,ij->i", q, self.x).astype(np.float64)
         return s1, s2, t1
 
-    def error(self, sums: tuple[np.ndarray, np.ndarray, np.ndarray], scale: np.ndarray, bias: np.ndarray) -> np.ndarray:
-        """Squared error of fixed codes (their sums) at (scale, bias), real arithmetic; broadcasts over extra axes."""
-        s1, s2, t1 = (a.reshape(a.shape + (1,) * (scale.ndim - 1)) for a in sums)
-        t0, v2 = (a.reshape(a.shape + (1,) * (scale.ndim - 1)) for a in (self.t0, self.v2))
-        return (s2 * scale * scale + 2.0 * s1 * scale * bias + self.n * bias * bias - 2.0 * t1 * scale - 2.0 * t0 * bias + v2)
-
     def __call__(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         s1, s2, t1 = self.sums(q)
         n, t0 = self.n, self.t0
@@ -137,9 +131,15 @@ def search_params(x: np.ndarray, bits: int, dtype: np.dtype) -> tuple[np.ndarray
 
 def _round_pair(fit: _Fit, sums: tuple[np.ndarray, np.ndarray, np.ndarray], scale: np.ndarray, bias: np.ndarray,
                 dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-    """The dtype pair nearest the real optimum that serves the codes best: scale rounded and its two dtype
-    neighbours, each with the best real bias for it rounded and its neighbours (9 pairs, rated by the exact
-    quadratic error of the fixed codes).  float32 arrays holding dtype values."""
+    return round_pair(fit.n, sums, fit.t0, fit.v2, scale, bias, dtype)
+
+
+def round_pair(n: float | np.ndarray, sums: tuple[np.ndarray, np.ndarray, np.ndarray], t0: np.ndarray, v2: np.ndarray,
+               scale: np.ndarray, bias: np.ndarray, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """The dtype pair near the real optimum (scale, bias) that serves fixed codes best: the scale rounded and its
+    two dtype neighbours, each with the best real bias for it rounded and its neighbours (9 pairs), rated by the
+    codes' exact quadratic error s2*s^2 + 2*s1*s*b + n*b^2 - 2*t1*s - 2*t0*b + v2 (sums: s1 = sum q, s2 = sum q^2,
+    t1 = sum q*x; t0 = sum x, v2 = sum x^2 per group).  float32 arrays holding dtype values."""
     rel = 2.0 ** -(np.finfo(dtype).nmant + 1)  # half a unit in the last place, relative: reaches the neighbours
 
     def near(v: np.ndarray) -> np.ndarray:
@@ -147,16 +147,17 @@ def _round_pair(fit: _Fit, sums: tuple[np.ndarray, np.ndarray, np.ndarray], scal
             c = np.stack([v, v * (1 - 2 * rel), v * (1 + 2 * rel)], axis=-1)
             return to_float32(c.astype(np.float32).astype(dtype)).astype(np.float64)
 
-    s1, _, _ = sums
+    s1, s2, t1 = (a[:, None, None] for a in sums)
+    n_ = np.asarray(n, dtype=np.float64).reshape(-1, 1, 1) if np.ndim(n) else n
     sc = near(scale)[:, :, None]  # (groups, 3, 1)
-    bb = near((fit.t0[:, None] - sc[:, :, 0] * s1[:, None]) / fit.n)[:, :, :]  # (groups, 3 scales, 3 biases)
-    sc = np.broadcast_to(sc, bb.shape)
+    bb = near((t0[:, None] - sc[:, :, 0] * s1[:, 0]) / (n_[:, 0] if np.ndim(n) else n))  # (groups, 3 scales, 3 biases)
     with np.errstate(over="ignore", invalid="ignore"):
-        err = fit.error(sums, sc, bb)
+        err = s2 * sc * sc + 2.0 * s1 * sc * bb + n_ * bb * bb - 2.0 * t1 * sc - 2.0 * t0[:, None, None] * bb + v2[:, None, None]
     err = np.where(np.isfinite(err) & (sc > 0), err, np.inf).reshape(len(err), -1)
     k = np.argmin(err, axis=1)
     pick = np.arange(len(k))
-    return sc.reshape(len(k), -1)[pick, k].astype(np.float32), bb.reshape(len(k), -1)[pick, k].astype(np.float32)
+    sc = np.broadcast_to(sc, bb.shape).reshape(len(k), -1)
+    return sc[pick, k].astype(np.float32), bb.reshape(len(k), -1)[pick, k].astype(np.float32)
 
 
 def choose(x: np.ndarray, mse: tuple[np.ndarray, np.ndarray, np.ndarray], minmax: tuple[np.ndarray, np.ndarray, np.ndarray],
