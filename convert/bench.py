@@ -496,6 +496,7 @@ def run_bench(out_dir: Path | None, size_bytes: int, json_out: bool, keep: bool,
     for phase in phases:
         out = runs / phase
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # an interrupted run would resume
         if phase in ("fmtconv", "mse"):
             kw = {"recipe": recipe, "kernel_backend": kernel_backend, "workers": workers,
                   "encoder": "mse" if phase == "mse" else "minmax"}

@@ -210,13 +210,30 @@ def affine_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, gr
 def dequantize_values(codes: np.ndarray, s: np.ndarray, b: np.ndarray, dtype: np.dtype, backend: str) -> np.ndarray:
     """code * scale + bias in `dtype` with `backend`'s arithmetic (see affine_dequantize), broadcasting.
 
-    codes, s, b: float32 (s and b already hold dtype values); returns an array of `dtype`.
+    codes, s, b: float32 (codes < 256, s and b holding dtype values); returns an array of `dtype`.
     """
     if BACKENDS[backend] == "cpu":
         # Each float32 op then cast equals the correctly rounded op in T (24 >= 2*11 + 2 bits).
         prod = (codes * s).astype(dtype)
         return (to_float32(prod) + b).astype(dtype)
+    if dtype != np.float32:
+        return _round_once_f32(codes * s, b, dtype)
     return _round_once(codes.astype(np.float64) * s.astype(np.float64), b.astype(np.float64), dtype)
+
+
+def _round_once_f32(p: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`_round_once` for a 16-bit dtype in float32: p = code * scale is exact in float32 (8 + 11 bits); TwoSum gives
+    p + b and its error, which rounds the sum to odd at 24 bits (a sticky last bit), so one rounding to dtype
+    (<= 11 bits) then sees the true side of every tie."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = p + b
+        bb = s - p
+        err = (p - (s - bb)) + (b - bb)
+    even = (s.view(np.uint32) & np.uint32(1)) == 0
+    fix = (err != 0) & even & np.isfinite(s)
+    if fix.any():
+        s = np.where(fix, np.nextafter(s, np.where(err > 0, np.float32(np.inf), np.float32(-np.inf))), s)
+    return s.astype(dtype)
 
 
 def _round_once(p: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:

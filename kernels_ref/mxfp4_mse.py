@@ -7,25 +7,28 @@ times one power of two.  In a group of `group_size / 32` blocks whose largest ex
 points.  For (scale, bias) = 2^e * (sigma, beta), and since rounding to bfloat16/float32 commutes with powers of
 two in the normal range, the group's squared error is 4^e * sum_u n_u * err_u(sigma, beta): n_u counts the
 group's values equal to 2^e * u, and err_u is the squared error of u at its nearest level, in the runtime's
-dequantize arithmetic.  So the search over a candidate set becomes one matrix product, computed from the codes
-without decoding a value:
+dequantize arithmetic.  So the fit of the group's known small set is found by table, without decoding a value
+or iterating:
 
   1. Histogram: the count of each E2M1 code in each block (a byte's two nibbles through two 8-lane uint64
      tables, summed per block).
-  2. Table (once per dtype, backend and bits): for every candidate (sigma, beta), all bfloat16 values, the
-     levels spanning [lo, hi] for every pair lo < hi of the points {0, +-0.25, ..., +-6} (steps of 0.5, and of
-     0.25 below 2): err_u and the nearest code of each of the 64 points u, the nearest checked exactly among
-     the rounded levels around the real-valued one.
-  3. (groups x 64 counts) @ (64 x candidates) gives every group's exact error for every candidate (up to
-     4^e); its argmin is the exact best pair of the table: no iteration, no decoding.
-  4. Least-squares refit of (sigma, beta) to that pair's codes, weighted by the counts (closed form), then two
-     Lloyd steps (nearest codes, refit) on the 64 points; rounded to the compute dtype.
-  5. The group keeps, of the table's pair, the refit and MLX's own min/max result (`table_driven`), the one
-     with the smallest squared error measured at the true scale (`affine_mse.group_sse`'s arithmetic over the
-     block's 16 values, weighted by their counts); ties keep MLX's.
-Groups the table does not cover (a block exponent more than 3 below the group's largest, a largest exponent
-outside [-100, 100]) go through `affine_mse` on their decoded values; a float16 compute dtype (narrow exponent
-range) is left to the caller's float path.
+  2. Candidate table (once per dtype, backend and bits): every (sigma, beta) of bfloat16 values whose levels
+     span [lo, hi] for a pair lo < hi of the points {0, +-0.5, ..., +-6}, with err_u and the nearest code of
+     each of the 64 points (the nearest checked exactly among the rounded levels next to the real-valued one).
+     Per pattern of offsets present, candidates that another matches or beats on every point are dropped
+     (they can never be the strict minimum).
+  3. (groups x counts) @ (counts x candidates): every group's exact error for every candidate, up to 4^e, in
+     one matrix product; the argmin is the best pair of the table.
+  4. MLX's own min/max pair, from a second table: MLX's arithmetic (`affine._params`, step 5) is exact under
+     powers of two too, so for each pair (lowest, highest) of unit points the table holds MLX's rounded
+     scale and bias and, per point, the smaller error of MLX's own code and of the exact nearest code.  With
+     the group's extremes (from the codes present) this is an error never above that of MLX's bytes.
+  5. The group keeps the table's pair where its error is smaller by more than the float32 sums' rounding
+     (1e-5 relative), else the min/max pair: never worse than min/max.
+Groups the tables do not cover (a block exponent more than 3 below the group's largest, a largest exponent
+outside [-100, 100], a range so small that MLX's scale floor eps applies) go through `affine_mse` on their
+decoded values; a float16 compute dtype (narrow exponent range) is left to the caller's float path.
+A least-squares refit of the winning pair would add ~0.5 dB at 4 bits but triples the cost; not done.
 """
 
 from __future__ import annotations
@@ -35,14 +38,15 @@ import functools
 import ml_dtypes
 import numpy as np
 
-from .affine import _check_dtype, _check_params, dequantize_values, to_float32
+from .affine import _check_dtype, _check_params, _params, dequantize_values, quantize_step, to_float32
 from .affine_mse import _mse_chunk
-from .table_driven import MX_BLOCK, BlockScratch, CodePacker, _value_table, minmax_block_codes
+from .table_driven import MX_BLOCK, BlockScratch, CodePacker, _code_sets, _extreme_codes, _value_table
 from .tables import E2M1_VALUES
 
 MAX_OFFSET = 3  # block exponents at most this far below the group's largest are tabulated
 _EXP_RANGE = 100  # |largest exponent| up to which every level and product stays a normal float
 _TABLE_MARGIN = 1e-5  # relative: the table's float32 error sums must beat min/max by more than their rounding
+_EPS = 1e-7  # MLX's scale floor (affine.py step 2)
 _ROWS_PER_STEP = 1 << 13  # blocks per vectorised step (the groups x candidates error matrix stays in L2/L3)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -53,6 +57,7 @@ def _unit_points() -> np.ndarray:
 
 
 _UNIT32 = _unit_points().astype(np.float32)
+_UV = np.unique(_UNIT32)  # the distinct unit values, sorted (-6 .. 6)
 
 
 def _ends() -> np.ndarray:
@@ -105,6 +110,35 @@ def pattern_table(dtype_name: str, backend: str, bits: int, offsets: tuple[int, 
     return ids, np.ascontiguousarray(err_t[cols][:, ids])
 
 
+@functools.lru_cache(maxsize=None)
+def minmax_table(dtype_name: str, backend: str, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """MLX's min/max at unit scale for every (lowest, highest) pair of distinct unit values, index lo * |U| + hi:
+    rounded scale and bias float32 (|U|^2,), float32 errors (|U|^2, 64) of the 64 unit points (the smaller of MLX's
+    own code's and of the exact nearest code's) and those codes uint8 (|U|^2, 64)."""
+    dtype = np.dtype(dtype_name)
+    metal = backend == "metal"
+    n_bins = (1 << bits) - 1
+    lo, hi = (a.reshape(-1) for a in np.meshgrid(_UV, _UV, indexing="ij"))
+    w_max = np.maximum(hi, 0) if metal else hi  # GPU: w_max starts at 0 (affine.py step 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s32, b32 = _params(lo.astype(np.float32), w_max.astype(np.float32), bits, half_away=metal)
+    u = _UNIT32.reshape(-1)
+    mlx_q = quantize_step(np.broadcast_to(u, (lo.size, u.size)), s32[:, None], b32[:, None], bits, metal)
+    sr, br = to_float32(s32.astype(dtype)), to_float32(b32.astype(dtype))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q0 = np.clip(np.rint((u[None, :] - br[:, None]) / sr[:, None]), 0, n_bins)
+    best_err = np.full(q0.shape, np.inf)
+    best_q = mlx_q.copy()
+    for q in (mlx_q, q0 - 1, q0, q0 + 1):  # MLX's own code first: ties keep it
+        q = np.clip(np.nan_to_num(q), 0, n_bins).astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # pairs of equal extremes: MLX's eps scale
+            d = to_float32(dequantize_values(q, sr[:, None], br[:, None], dtype, backend)).astype(np.float64)
+        err = np.nan_to_num((d - u[None, :]) ** 2, nan=np.inf)
+        better = err < best_err
+        best_err, best_q = np.where(better, err, best_err), np.where(better, q, best_q)
+    return sr, br, best_err.astype(np.float32), best_q.astype(np.uint8)
+
+
 # Per byte: the counts of E2M1 codes 0-7 (lane c of the low word) and 8-15 (high word) among its two nibbles.
 def _pair_luts() -> tuple[np.ndarray, np.ndarray]:
     b = np.arange(256)
@@ -129,112 +163,88 @@ def code_histogram(blk: np.ndarray) -> np.ndarray:
     return out.astype("<u8", copy=False).view(np.uint8).reshape(-1, 16)
 
 
-def _weighted_sse(n: np.ndarray, d: np.ndarray, v: np.ndarray, per: int) -> np.ndarray:
-    """float64 (k, groups): sum of n * (d - v)^2 over each group's blocks' 16 values, for k stacked candidates
-    (d: (k, r, 16), v: (r, 16), float32 dtype values; the differences are exact in float32)."""
-    diff = np.subtract(d, v)
-    sse = np.einsum("ij,kij,kij->ki", n, diff, diff, dtype=np.float64)
-    return sse if per == 1 else sse.reshape(sse.shape[0], -1, per).sum(axis=2)
-
-
-def _fold(a: np.ndarray, per: int) -> np.ndarray:
-    """float64 sums of each run of `per` consecutive block sums (one group's blocks)."""
-    a = a.astype(np.float64)
-    return a if per == 1 else a.reshape(-1, per).sum(axis=1)
-
-
-def _nearest(u: np.ndarray, sigma: np.ndarray, beta: np.ndarray, per: int, n_bins: int) -> np.ndarray:
-    s = np.repeat(sigma.astype(np.float32), per)[:, None]
-    b = np.repeat(beta.astype(np.float32), per)[:, None]
-    return np.clip(np.rint((u - b) / s), 0, n_bins)
-
-
-def _refit(n: np.ndarray, u: np.ndarray, q: np.ndarray, per: int, group_size: int, dtype: np.dtype,
-           fallback: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Least-squares (sigma, beta) per group for codes q of its blocks' unit points u, weighted by the counts n,
-    rounded to dtype.  Block sums are exact in float32 (integers and dyadic values of at most 20 significant
-    bits); groups fold in float64.  (Rating the rounded pair's neighbours, as affine_mse does, gains < 0.02 dB here.)"""
-    nu, nq = n * u, n * q
-    t0 = _fold(nu.sum(axis=1), per)
-    s1, s2, t1 = _fold(nq.sum(axis=1), per), _fold(np.einsum("ij,ij->i", nq, q), per), _fold(np.einsum("ij,ij->i", nu, q), per)
-    det = group_size * s2 - s1 * s1
-    ok = det > 0
-    det = np.where(ok, det, 1.0)
-    sigma = (group_size * t1 - s1 * t0) / det
-    ok &= sigma > 0
-    sigma = np.where(ok, sigma, fallback[0])
-    beta = np.where(ok, (t0 - sigma * s1) / group_size, fallback[1])
-    with np.errstate(over="ignore", invalid="ignore"):
-        return to_float32(sigma.astype(np.float32).astype(dtype)), to_float32(beta.astype(np.float32).astype(dtype))
-
-
 def _mse_step(blk: np.ndarray, s_blk: np.ndarray, per: int, bits: int, dtype: np.dtype, backend: str,
               scratch: BlockScratch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """r blocks -> per-group float32 scale and bias (dtype values) and (r, 16) uint8 codes per E2M1 code."""
     r = blk.shape[0]
     ng = r // per
     n_bins = (1 << bits) - 1
-    table, _ = _value_table(dtype.name)
-    v = np.take(table, s_blk, axis=0)  # (r, 16) the blocks' values at the true scale, in dtype
-    mm_s32, mm_b32, mm_codes = minmax_block_codes(blk, s_blk, per, bits, dtype, backend, scratch)
-    mm_s, mm_b = to_float32(mm_s32.astype(dtype)), to_float32(mm_b32.astype(dtype))
-
     exps = s_blk.astype(np.int32) - 127
     e_max = exps.reshape(ng, per).max(axis=1)
     offset = np.repeat(e_max, per) - exps
     covered = ((offset <= MAX_OFFSET).reshape(ng, per).all(axis=1)) & (np.abs(e_max) <= _EXP_RANGE)
     offset = np.minimum(offset, MAX_OFFSET)
     counts = code_histogram(blk).astype(np.float32)
+    # The group's lowest and highest unit values, from the codes present in its blocks.
+    present = _code_sets(blk, scratch.nib[:r], scratch.bits16[:r], scratch.tmp16[:r])
+    hi_code, lo_code = _extreme_codes()
+    w_lo = _UNIT32[offset, np.take(lo_code, present)].reshape(ng, per).min(axis=1)
+    w_hi = _UNIT32[offset, np.take(hi_code, present)].reshape(ng, per).max(axis=1)
+    span = (np.maximum(w_hi, 0) if backend == "metal" else w_hi) - w_lo
+    scale2e = np.ldexp(np.float32(1), e_max).astype(np.float32)
+    covered &= (span == 0) | (np.ldexp(span.astype(np.float64), e_max) / n_bins >= 2 * _EPS)  # else MLX's eps floor applies
+    mm_id = np.searchsorted(_UV, w_lo) * _UV.size + np.searchsorted(_UV, w_hi)
+    mm_s, mm_b, mm_err, mm_codes = minmax_table(dtype.name, backend, bits)
     sigma_k, beta_k, _, codes_t = candidate_table(dtype.name, backend, bits)
-    # 3. Every candidate's exact error (up to 4^e) from the counts by offset and code: one product per pattern
-    # of offsets present (groups of one block: always the pattern (0,)).
+    # Each block's 16 points sit at rows id * 64 + offset * 16 of the 64-point tables.
+    slot = (offset * 16)[:, None] + np.arange(16)
+    e_mm = np.einsum("ij,ij->i", counts, np.take(mm_err.reshape(-1), np.repeat(mm_id * 64, per)[:, None] + slot))
+    if per > 1:
+        e_mm = e_mm.reshape(ng, per).sum(axis=1)
+    # The table: counts by offset and code, one matrix product per pattern of offsets present.
     k = np.empty(ng, dtype=np.intp)
-    e_tab = np.empty(ng, dtype=np.float64)
+    e_tab = np.empty(ng, dtype=np.float32)
     if per == 1:
-        feats, pattern = counts[:, None, :], np.ones(ng, dtype=np.int64)
+        parts = [((0,), slice(None), lambda sel: counts[sel])]
+    elif per == 2:  # the pattern is (0, delta): the larger-exponent block's counts, then the other's
+        c0, c1 = counts[0::2], counts[1::2]
+        delta = offset[0::2] + offset[1::2]
+        first = offset[0::2] == 0
+
+        def pair(sel):
+            a, b, f = c0[sel], c1[sel], first[sel][:, None]
+            return np.concatenate([np.where(f, a, b), np.where(f, b, a)], axis=1)
+
+        parts = [((0,), np.flatnonzero(delta == 0), lambda sel: c0[sel] + c1[sel])]
+        parts += [((0, d), np.flatnonzero(delta == d), pair) for d in range(1, MAX_OFFSET + 1)]
     else:
-        feats = np.zeros((ng, MAX_OFFSET + 1, 16), dtype=np.float32)
+        by_offset = np.zeros((ng, MAX_OFFSET + 1, 16), dtype=np.float32)
         pattern = np.zeros(ng, dtype=np.int64)
         rows = np.arange(ng)
         for j in range(per):
-            feats[rows, offset[j::per]] += counts[j::per]
+            by_offset[rows, offset[j::per]] += counts[j::per]
             pattern |= np.left_shift(1, offset[j::per])
-    for pat in np.unique(pattern):
-        offs = tuple(d for d in range(MAX_OFFSET + 1) if pat >> d & 1)
+        parts = []
+        for pat in np.unique(pattern):
+            offs = tuple(d for d in range(MAX_OFFSET + 1) if pat >> d & 1)
+            parts.append((offs, np.flatnonzero(pattern == pat), lambda sel, offs=offs: by_offset[sel][:, list(offs)].reshape(len(sel), -1)))
+    for offs, sel, features in parts:
+        if isinstance(sel, np.ndarray) and sel.size == 0:
+            continue
         ids, et = pattern_table(dtype.name, backend, bits, offs)
-        sel = slice(None) if (pattern == pat).all() else np.flatnonzero(pattern == pat)
-        f = feats[sel]
-        f = f[:, list(offs)] if f.shape[1] != len(offs) else f
-        err = f.reshape(-1, 16 * len(offs)) @ et
+        err = features(sel) @ et
         kl = np.argmin(err, axis=1)
         k[sel] = ids[kl]
         e_tab[sel] = np.take_along_axis(err, kl[:, None], axis=1)[:, 0]
-    u = _UNIT32[offset]  # (r, 16) the blocks' values at unit scale
-    q_tab = np.take(codes_t.reshape(-1), (np.repeat(k, per) * (4 * 16) + offset * 16)[:, None] + np.arange(16)).astype(np.float32)
-    # 4. Least-squares refit to the table pair's codes, rounded to dtype; its nearest codes.
-    fallback = (sigma_k[k].astype(np.float64), beta_k[k].astype(np.float64))
-    sig_r, bet_r = _refit(counts, u, q_tab, per, per * MX_BLOCK, dtype, fallback)
-    good = covered & np.isfinite(sig_r) & (sig_r > 0) & np.isfinite(bet_r)
-    sig_r, bet_r = np.where(good, sig_r, np.float32(1)), np.where(good, bet_r, np.float32(0))
-    q_fit = _nearest(u, sig_r, bet_r, per, n_bins)
-    # 5. The errors of min/max and of the refit at the true scale (2^e is exact in float32); the table pair's from
-    # step 3 (float32 sums of exact terms: within 1e-5 of exact, so it must win by more).  Ties keep min/max.
-    scale2e = np.ldexp(np.float32(1), e_max).astype(np.float32)
-    fit_s, fit_b = sig_r * scale2e, bet_r * scale2e
-    d = dequantize_values(np.stack([mm_codes.astype(np.float32), q_fit]),
-                          np.stack([np.repeat(mm_s, per), np.repeat(fit_s, per)])[:, :, None],
-                          np.stack([np.repeat(mm_b, per), np.repeat(fit_b, per)])[:, :, None], dtype, backend)
-    e_mm, e_fit = _weighted_sse(counts, to_float32(d), v, per)
-    e_tab = np.where(covered, e_tab * np.ldexp(1.0, 2 * e_max.astype(np.int64)) * (1 + _TABLE_MARGIN), np.inf)
-    e_fit = np.where(good, e_fit, np.inf)
-    best = np.where(e_fit < np.minimum(e_mm, e_tab), 2, np.where(e_tab < e_mm, 1, 0))
-    pick = np.repeat(best, per)[:, None]
-    codes = np.where(pick == 0, mm_codes, np.where(pick == 1, q_tab, q_fit)).astype(np.uint8)
-    scale = np.choose(best, [mm_s, sigma_k[k] * scale2e, fit_s]).astype(np.float32)
-    bias = np.choose(best, [mm_b, beta_k[k] * scale2e, fit_b]).astype(np.float32)
+    use_tab = e_tab * (1 + _TABLE_MARGIN) < e_mm
+    # Codes per block from whichever table won, at the block's offset.
+    flat = _joined_codes(dtype.name, backend, bits)
+    base = np.where(use_tab, k, codes_t.shape[0] + mm_id) * (4 * 16)
+    codes = np.take(flat, np.repeat(base, per)[:, None] + slot)
+    with np.errstate(over="ignore", invalid="ignore"):  # groups out of range: replaced by the float path below
+        scale = np.where(use_tab, sigma_k[k], mm_s[mm_id]) * scale2e
+        bias = np.where(use_tab, beta_k[k], mm_b[mm_id]) * scale2e
     if not covered.all():
+        v = np.take(_value_table(dtype.name)[0], s_blk, axis=0)  # (r, 16) the blocks' values, in dtype
         _float_path(blk, v, ~covered, per, bits, dtype, backend, codes, scale, bias)
-    return scale, bias, codes
+    return scale.astype(np.float32), bias.astype(np.float32), codes
+
+
+@functools.lru_cache(maxsize=None)
+def _joined_codes(dtype_name: str, backend: str, bits: int) -> np.ndarray:
+    """The candidate table's codes, then the min/max table's, as one flat uint8 array (rows of 64 points)."""
+    return np.concatenate([candidate_table(dtype_name, backend, bits)[3].reshape(-1),
+                           minmax_table(dtype_name, backend, bits)[3].reshape(-1)])
 
 
 def _float_path(blk: np.ndarray, v: np.ndarray, groups: np.ndarray, per: int, bits: int, dtype: np.dtype, backend: str,

@@ -30,7 +30,6 @@ from fmtconv.kernels_ref.table_driven import _value_table, affine_quantize_mxfp4
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16, F32 = np.dtype(np.float16), np.dtype(np.float32)
-MX_DTYPE = {BF16: mx.bfloat16, F16: mx.float16, F32: mx.float32}
 
 
 def _groups_sse(x: np.ndarray, deq: np.ndarray, group_size: int) -> np.ndarray:
@@ -38,17 +37,24 @@ def _groups_sse(x: np.ndarray, deq: np.ndarray, group_size: int) -> np.ndarray:
     return (d * d).sum(axis=1)
 
 
+def _to_mx(a: np.ndarray) -> mx.array:
+    return mx.array(a.view(np.uint16)).view(mx.bfloat16) if a.dtype == BF16 else mx.array(a)
+
+
+def _from_mx(a: mx.array) -> np.ndarray:
+    return np.array(a.view(mx.uint16)).view(BF16) if a.dtype == mx.bfloat16 else np.array(a)
+
+
 def _mlx_dequant(wq, s, b, g: int, bits: int) -> np.ndarray:
     """mx.dequantize on the CPU (MLX's runtime arithmetic here), as float64."""
-    out = mx.dequantize(mx.array(wq), mx.array(s), mx.array(b), group_size=g, bits=bits)
+    out = mx.dequantize(mx.array(wq), _to_mx(np.asarray(s)), _to_mx(np.asarray(b)), group_size=g, bits=bits)
     return np.array(out.astype(mx.float32)).astype(np.float64)
 
 
 def _assert_never_worse(x: np.ndarray, g: int, bits: int, backend: str, mse_out) -> None:
     """Per group: SSE(mse) <= SSE(MLX min/max), each dequantized with `backend`'s arithmetic."""
     if backend == "cpu":
-        xm = mx.array(x)
-        ref = [np.array(a) for a in mx.quantize(xm, group_size=g, bits=bits)]  # MLX's own bytes
+        ref = [_from_mx(a) for a in mx.quantize(_to_mx(x), group_size=g, bits=bits)]  # MLX's own bytes
         e_ref = _groups_sse(x, _mlx_dequant(*ref, g, bits), g)
         e_mse = _groups_sse(x, _mlx_dequant(*mse_out, g, bits), g)
         # The mse bytes are read by MLX exactly as kernels_ref models it.
@@ -152,6 +158,24 @@ def test_group_sse_is_the_runtime_error():
     mine = group_sse(x.astype(np.float32).reshape(-1, 64), codes, s.astype(np.float32).reshape(-1), b.astype(np.float32).reshape(-1),
                      BF16, "cpu")
     np.testing.assert_allclose(mine, _groups_sse(x.astype(np.float32), _mlx_dequant(wq, s, b, 64, 4), 64), rtol=1e-12)
+
+
+def test_fused_rounding_in_float32_equals_the_float64_model():
+    """dequantize_values' float32 route for the GPU's one rounding (16-bit dtypes) equals _round_once in float64."""
+    from fmtconv.kernels_ref.affine import _round_once, _round_once_f32
+
+    rng = np.random.default_rng(0)
+    for dt in (BF16, F16):
+        for trial in range(12):
+            n = 100_000
+            q = rng.integers(0, 256, n).astype(np.float32)
+            s = to_float32((rng.standard_normal(n) * 2.0 ** rng.integers(-20, 5)).astype(np.float32).astype(dt))
+            b = to_float32((rng.standard_normal(n) * 2.0 ** rng.integers(-12, 8)).astype(np.float32).astype(dt))
+            if trial % 3 == 0:  # cancellation: sums near zero and exact ties
+                b = to_float32((-q * s * np.float32(rng.choice([1.0, 0.5, 1.5]))).astype(dt))
+            want = _round_once(q.astype(np.float64) * s.astype(np.float64), b.astype(np.float64), dt).astype(np.float32)
+            got = _round_once_f32(q * s, b, dt).astype(np.float32)
+            assert np.array_equal(want, got, equal_nan=True), (dt, trial)
 
 
 # ---------------------------------------------------------------------------------------------
