@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--phases", default="fmtconv,usual,copy",
                    help="pipeline bench phases, comma-separated: fmtconv, mse (fmtconv with --encoder mse), usual, copy")
     p.add_argument("--source", action="append", help="encoders bench: also measure this checkpoint's tensors (repeatable)")
+    p.add_argument("--bound", action="store_true", help="encoders bench: add an exhaustive search's gain (slow) for dense 4-bit")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -270,7 +271,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "encoders":
         from fmtconv.convert.encoder_bench import print_encoder_table, run_encoder_bench
 
-        rows = run_encoder_bench(args.source or [], kernel_backend=args.kernel_backend)
+        rows = run_encoder_bench(args.source or [], kernel_backend=args.kernel_backend, bound=args.bound)
         print(json.dumps(rows, indent=2) if args.json else print_encoder_table(rows))
         return 0
     from pathlib import Path

@@ -36,7 +36,24 @@ def _db(signal: float, noise: float) -> float:
     return math.inf if noise == 0 else 10.0 * math.log10(signal / noise)
 
 
-def _synthetic(kernel_backend: str) -> list[dict[str, Any]]:
+_BOUND_GROUPS = 600
+
+
+def _bound_db(x: np.ndarray, bits: int, g: int, minmax_out: tuple) -> float:
+    """Gain over minmax of an exhaustive search (affine_mse.exhaustive_sse: 161 widths x 81 offsets, real-valued
+    scale and bias) on the first groups: what the format allows these values, before rounding to the dtype."""
+    from fmtconv.kernels_ref import affine_dequantize
+    from fmtconv.kernels_ref.affine_mse import exhaustive_sse
+
+    rows = _BOUND_GROUPS * g // x.shape[1]
+    xs = np.ascontiguousarray(x[:rows]).astype(np.float32)
+    deq = affine_dequantize(*(a[:rows] for a in minmax_out), g, bits, backend="cpu").astype(np.float64)
+    e_mm = ((deq - xs.astype(np.float64)) ** 2).reshape(-1, g).sum(axis=1)
+    e = exhaustive_sse(xs.reshape(-1, g), bits, np.linspace(0.7, 1.1, 161), np.linspace(-0.1, 0.3, 81))
+    return 10.0 * math.log10(e_mm.sum() / np.minimum(e, e_mm).sum())
+
+
+def _synthetic(kernel_backend: str, bound: bool = False) -> list[dict[str, Any]]:
     from fmtconv.kernels_ref import affine_dequantize, affine_quantize, fp_quantize
     from fmtconv.kernels_ref.affine_mse import affine_quantize_mse
     from fmtconv.kernels_ref.mxfp4_mse import affine_quantize_mxfp4_mse
@@ -70,6 +87,8 @@ def _synthetic(kernel_backend: str) -> list[dict[str, Any]]:
                     row[f"{enc}_ns_per_el"] = round((time.perf_counter() - t0) / ref.size * 1e9, 2)
                     deq = affine_dequantize(*out, g, bits, backend="cpu")
                     row[f"{enc}_db"] = _db(*_sqnr(ref, deq))
+                    if enc == "minmax" and bound and label.startswith("dense") and bits == 4 and g in (32, 64):
+                        row["bound_gain_db"] = round(_bound_db(ref, bits, g, out), 3)
                 rows.append(_finish(row))
     return rows
 
@@ -111,20 +130,26 @@ def _finish(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def run_encoder_bench(sources: Iterable[str | Path] = (), *, kernel_backend: str = "cpu") -> list[dict[str, Any]]:
-    """Rows of class, bits, group_size, numel, minmax_db, mse_db, gain_db (and ns per element for synthetic classes)."""
-    rows = _synthetic(kernel_backend)
+def run_encoder_bench(sources: Iterable[str | Path] = (), *, kernel_backend: str = "cpu", bound: bool = False) -> list[dict[str, Any]]:
+    """Rows of class, bits, group_size, numel, minmax_db, mse_db, gain_db (and ns per element for synthetic classes;
+    with bound, for the dense synthetic classes at 4 bits, group 32 and 64, the gain an exhaustive search finds)."""
+    rows = _synthetic(kernel_backend, bound)
     for src in sources:
         rows += _from_source(Path(src), kernel_backend)
     return rows
 
 
+def _f2(x: Any) -> str:
+    return x if isinstance(x, str) else f"{x:.2f}"
+
+
 def print_encoder_table(rows: list[dict[str, Any]]) -> str:
     """A Markdown table of the rows."""
-    out = ["| tensor class | bits | group | minmax dB | mse dB | gain dB | mse / minmax time |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    out = ["| tensor class | bits | group | minmax dB | mse dB | gain dB | exhaustive-search gain dB | mse / minmax time |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         t = f"{r['mse_ns_per_el'] / r['minmax_ns_per_el']:.1f}x" if r.get("minmax_ns_per_el") else ""
         gain = r["gain_db"] if isinstance(r["gain_db"], str) else f"{r['gain_db']:+.2f}"
-        out.append(f"| {r['class']} | {r['bits']} | {r['group_size']} | {r['minmax_db']} | {r['mse_db']} | {gain} | {t} |")
+        bound = f"{r['bound_gain_db']:+.2f}" if "bound_gain_db" in r else ""
+        out.append(f"| {r['class']} | {r['bits']} | {r['group_size']} | {_f2(r['minmax_db'])} | {_f2(r['mse_db'])} | {gain} | {bound} | {t} |")
     return "\n".join(out)

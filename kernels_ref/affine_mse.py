@@ -162,6 +162,28 @@ def round_pair(n: float | np.ndarray, sums: tuple[np.ndarray, np.ndarray, np.nda
     return sc[pick, k].astype(np.float32), bb.reshape(len(k), -1)[pick, k].astype(np.float32)
 
 
+def exhaustive_sse(x: np.ndarray, bits: int, widths: np.ndarray, offsets: np.ndarray, steps: int = 2) -> np.ndarray:
+    """A bound for the search, not an encoder: per group (rows of x, float32) the smallest squared error found
+    over a dense grid of start grids (every width x offset, as fractions of the range), each refined by `steps`
+    Lloyd steps, with real-valued scale and bias (no dtype rounding): slow, for `fmtconv bench encoders --bound`."""
+    n_bins = float((1 << bits) - 1)
+    mn = x.min(axis=1).astype(np.float64)
+    span = np.maximum(x.max(axis=1) - x.min(axis=1), 1e-30).astype(np.float64)
+    fit = _Fit(x)
+    buf = np.empty_like(x)
+    best = np.full(x.shape[0], np.inf)
+    for w in widths:
+        for o in offsets:
+            s, b = span * (w / n_bins), mn + span * o
+            r = np.full(x.shape[0], np.inf)
+            for _ in range(steps + 1):
+                s2, b2, r2 = fit(_nearest(x, s, b, n_bins, buf))
+                ok = r2 < r
+                s, b, r = np.where(ok, s2, s), np.where(ok, b2, b), np.where(ok, r2, r)
+            best = np.minimum(best, r)
+    return best
+
+
 def choose(x: np.ndarray, mse: tuple[np.ndarray, np.ndarray, np.ndarray], minmax: tuple[np.ndarray, np.ndarray, np.ndarray],
            dtype: np.dtype, backend: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Step 4: per group the (codes, scale, bias) with the smaller group_sse; ties keep `minmax`."""
