@@ -90,3 +90,30 @@ def test_compare_encoders_needs_source(tmp_path):
 def test_bench_phases_are_checked():
     r = _fmtconv("bench", "--phases", "fmtconv,nope")
     assert r.returncode == 2 and "--phases" in r.stderr
+
+
+def test_card_names_the_encoder_per_pattern_when_mixed():
+    from fmtconv.convert.model_card import encoder_summary
+
+    cfg = {"fmtconv": {"encoder": "minmax", "encoders": {"model.layers.{i}.mlp.switch_mlp.up_proj": "mse", "lm_head": "minmax"}}}
+    text = encoder_summary(cfg)
+    assert text.startswith("minmax (") and "mse (" in text and "`model.layers.{i}.mlp.switch_mlp.up_proj`" in text
+    assert encoder_summary({"fmtconv": {"encoder": "mse", "encoders": {}}}).startswith("mse (")
+    assert encoder_summary({}) is None  # not written by fmtconv: nothing claimed
+
+
+def test_bench_encoders_rows(monkeypatch):
+    from fmtconv.convert import encoder_bench
+
+    monkeypatch.setattr(encoder_bench, "_SHAPE", (16, 512))
+    monkeypatch.setattr(encoder_bench, "BITS", (4,))
+    monkeypatch.setattr(encoder_bench, "GROUPS", (64,))
+    monkeypatch.setattr(encoder_bench, "_BOUND_GROUPS", 32)
+    rows = encoder_bench.run_encoder_bench([FIXTURES / "gpt-oss-tiny"], bound=True)
+    by = {r["class"]: r for r in rows}
+    assert set(by) == {"MXFP4 experts (synthetic N(0,1))", "dense bf16 (synthetic N(0,1))", "dense bf16 (synthetic Laplace)",
+                       "gpt-oss-tiny: dense", "gpt-oss-tiny: mxfp4"}
+    assert all(r["gain_db"] > 0 for r in rows)
+    assert by["dense bf16 (synthetic N(0,1))"]["bound_gain_db"] >= by["dense bf16 (synthetic N(0,1))"]["gain_db"] - 0.05
+    table = encoder_bench.print_encoder_table(rows)
+    assert table.count("\n") == len(rows) + 1 and "| gpt-oss-tiny: mxfp4 | 4 | 64 |" in table
