@@ -1,4 +1,4 @@
-"""DeepSeek-V4 layout: DeepSeek's published names -> the names mlx_lm's deepseek_v41 model uses after sanitize().
+"""DeepSeek-V4.1 for mlx-lm: DeepSeek's published names -> the names mlx_lm's deepseek_v41 model uses after sanitize().
 
 Mirrors mlx_lm 0.32.2 `mlx_lm/models/deepseek_v41.py` (`_rename`, `_DROP_PREFIXES`, `_EXPERT_KEY`,
 `Model.sanitize`): `embed`/`head`/`attn`/`ffn` renamed, routed experts stacked into
@@ -10,17 +10,14 @@ already start with `model.` is taken as converted and kept as it is, as sanitize
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
-import numpy as np
-
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
+from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, MTP_PREFIX, split_o_groups
 from fmtconv.formats.base import SourceGroup
 
-_DROP_PREFIXES = ("vision.", "aligner.", "image_", "mtp.")
-_EXPERT_KEY = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
-_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+# deepseek_v41 Model.sanitize drops these (mlx_lm 0.32.2 `_DROP_PREFIXES`).
+_DROP_PREFIXES = ("vision.", "aligner.", "image_", MTP_PREFIX)
 
 # Substring replacements, in deepseek_v41._rename's order.
 _RENAMES = (
@@ -86,20 +83,16 @@ def is_quantizable(name: str) -> bool:
     return module.rsplit(".", 1)[-1] in _QUANTIZABLE_LEAVES
 
 
-def split_groups(values: np.ndarray, groups: int) -> np.ndarray:
-    """wo_a [groups * rank, in] -> [groups, rank, in] (a reshape: rows keep their bytes)."""
-    return values.reshape(groups, -1, values.shape[-1])
-
-
 def _dropped(name: str) -> bool:
     return name.startswith(_DROP_PREFIXES) or ".engram." in name or name.endswith(".gate.bias_vl")
 
 
-class DeepseekV4Layout(ModelLayout):
-    """DeepSeek-V4 / V4.1 published checkpoints for mlx_lm's deepseek_v41 model."""
+class DeepseekV41Layout(ModelLayout):
+    """DeepSeek-V4.1-style published checkpoints for mlx_lm's deepseek_v41 model."""
 
-    family = "deepseek_v4"
-    model_types = ("deepseek_v4", "deepseek_v41", "deepseek_v41_text")
+    family = "deepseek_v41"
+    model_types = ("deepseek_v41", "deepseek_v41_text")
+    runtime = "mlx-lm"
     # deepseek_v41 Model.cast_predicate: the reference runtime keeps these in float32.
     uncast = ("attn_hc.", "ffn_hc.", "sinks", "e_score_correction_bias", "compressor.")
 
@@ -117,18 +110,18 @@ class DeepseekV4Layout(ModelLayout):
             if _dropped(g.name):
                 dropped.append(g.name)
                 continue
-            m = _EXPERT_KEY.fullmatch(g.name)
+            m = EXPERT_KEY.fullmatch(g.name)
             if m:
                 experts.setdefault((f"layers.{m[1]}.ffn", m[3]), {})[int(m[2])] = g
                 continue
             name = mlx_name(g.name)
             transform = None
             if name.endswith(".o_a_proj.weight"):
-                transform = functools.partial(split_groups, groups=o_groups)
+                transform = functools.partial(split_o_groups, groups=o_groups)
             out.append(TargetTensor(name, (g,), transform=transform, quantizable=is_quantizable(name)))
         out += stacked_experts(
             experts, n_experts,
-            lambda prefix, proj: f"model.{prefix.replace('.ffn', '.mlp')}.experts.switch_mlp.{_EXPERT_PROJ[proj]}.weight",
+            lambda prefix, proj: f"model.{prefix.replace('.ffn', '.mlp')}.experts.switch_mlp.{EXPERT_PROJ[proj]}.weight",
         )
         return out, dropped
 
