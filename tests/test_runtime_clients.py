@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from fmtconv.convert import convert, plan
+from fmtconv.convert.recipes import recipe_from_dict
+from fmtconv.errors import FmtconvError
 from runtime_helpers import CLIENTS, FIXTURES, baseline_model, load_bundle, logits, module_settings, rel_rms, tokens_for
 
 RECIPES = ("q4q8", "mixed_4_6")
@@ -52,14 +54,34 @@ def test_bundle_loads_in_its_runtime_with_the_recipe_bits_and_logits_gate(name, 
     assert err <= 1.25 * base_err, (err, base_err)
 
 
-def test_runtime_override_writes_for_mlx_vlm_where_both_have_the_model(tmp_path):
-    """qwen3_moe is mlx-lm's, and mlx-vlm wraps the same model under `language_model.`: --runtime mlx-vlm."""
-    fixture = FIXTURES / "qwen3-moe-fp8-tiny"
+@pytest.mark.parametrize("name", ["deepseek-v3-fp8-tiny", "gpt-oss-tiny", "step3p5-mxfp4-tiny", "glm4-moe-lite-fp8-tiny",
+                                  "qwen3-moe-fp8-tiny"])
+def test_runtime_override_writes_for_mlx_vlm_where_both_have_the_model(name, tmp_path):
+    """mlx-lm owns these, and mlx-vlm wraps the same model under `language_model.`: --runtime mlx-vlm."""
+    fixture = FIXTURES / name
     summary = convert(fixture, tmp_path / "vlm", recipe="q4q8", runtime="mlx-vlm", kernel_backend="cpu")
     assert all(c["ok"] and c["runtime"] == "mlx-vlm" for c in summary["conformance"])
     model = load_bundle(tmp_path / "vlm", "mlx-vlm")
-    assert any(p.startswith("language_model.model.layers.0.mlp.switch_mlp") for p in module_settings(model))
+    assert module_settings(model) and all(p.startswith("language_model.") for p in module_settings(model))
     assert rel_rms(logits(model, tokens_for(fixture)), reference_logits(fixture.name)) < 0.5
+
+
+def test_mlx_vlm_has_its_own_deepseek_v41_port_so_the_override_is_refused():
+    with pytest.raises(FmtconvError, match="no mlx-vlm layout for model_type 'deepseek_v41'"):
+        plan(FIXTURES / "deepseek-v4-tiny", "q4q8", runtime="mlx-vlm")
+
+
+def test_a_rule_naming_the_vision_tower_quantizes_it_and_mlx_vlm_loads_it(tmp_path):
+    fixture = FIXTURES / "step3p7-nvfp4-tiny"
+    recipe = recipe_from_dict({"name": "vision8", "rules": [
+        {"match": r"^(vision_model|vit_large_projector)\b", "mode": "affine", "bits": 8},
+        {"match": "switch_mlp", "mode": "affine", "bits": 4}, {"mode": "affine", "bits": 8}]})
+    default = plan(fixture, "q4q8")
+    assert not any(t.quantized for t in default.tensors if t.target.name.startswith(("vision_model.", "vit_large_projector.")))
+    convert(fixture, tmp_path / "out", recipe=recipe, kernel_backend="cpu")
+    settings = module_settings(load_bundle(tmp_path / "out", "mlx-vlm"))
+    assert settings["vit_large_projector"]["bits"] == 8
+    assert settings["vision_model.transformer.0.attn.in_proj"]["bits"] == 8 and "vision_model.conv1" not in settings
 
 
 def test_the_source_itself_reads_in_mlx_vlm_as_the_decoded_reference(tmp_path):

@@ -58,10 +58,10 @@ def layout_for(config: dict[str, Any], family: str | None = None, runtime: str |
 def _for_runtime(cls: type[ModelLayout], runtime: str, model_type: Any) -> ModelLayout:
     if cls.runtime == runtime:
         return cls()
-    if cls.runtime == "mlx-lm" and runtime == "mlx-vlm":
+    if cls.runtime == "mlx-lm" and runtime == "mlx-vlm" and cls.mlx_vlm_wraps:
         return MlxVlmWrapped(cls())
     raise FmtconvError(f"fmtconv has no {runtime} layout for model_type {model_type!r}: its {cls.family} layout is "
-                       f"written for {cls.runtime}, the runtime that has this model")
+                       f"written for {cls.runtime}'s module tree, which {runtime}'s model does not share")
 
 
 __all__ = ["ModelLayout", "TargetTensor", "GenericLayout", "MlxVlmWrapped", "all_layouts", "layout_for"]

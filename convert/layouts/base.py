@@ -47,6 +47,9 @@ class ModelLayout:
     uncast: ClassVar[tuple[str, ...]] = ()
     # Integer tensors the runtime's model holds in another dtype: name substring -> safetensors dtype.
     integer_dtypes: ClassVar[dict[str, str]] = {}
+    # mlx-lm layouts: whether mlx-vlm's model of the same model_type is mlx-lm's tree under `language_model.`
+    # (fmtconv.convert.layouts.mlx_vlm_wrapped), so `--runtime mlx-vlm` can reuse this layout.
+    mlx_vlm_wraps: ClassVar[bool] = True
     # Module-path prefixes of vision towers and projectors: a runtime's own converter keeps them dense,
     # and so do fmtconv's recipes unless a rule names them explicitly.
     multimodal_prefixes: ClassVar[tuple[str, ...]] = ()

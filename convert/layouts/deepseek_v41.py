@@ -93,6 +93,7 @@ class DeepseekV41Layout(ModelLayout):
     family = "deepseek_v41"
     model_types = ("deepseek_v41", "deepseek_v41_text")
     runtime = "mlx-lm"
+    mlx_vlm_wraps = False  # mlx-vlm 0.7.10's deepseek_v41 is its own port (language_model.layers.N..., no model.)
     # deepseek_v41 Model.cast_predicate: the reference runtime keeps these in float32.
     uncast = ("attn_hc.", "ffn_hc.", "sinks", "e_score_correction_bias", "compressor.")
 
