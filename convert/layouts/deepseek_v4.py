@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
-from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, HC_PARAMS, is_mtp, split_o_groups
+from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, HC_PARAMS, is_mtp, split_o_groups, without_fp4_experts
 from fmtconv.formats.base import SourceGroup
 
 _TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight", "norm.weight": "model.norm.weight",
@@ -88,7 +88,4 @@ class DeepseekV4Layout(ModelLayout):
         return out, dropped
 
     def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """model_type stays deepseek_v4; `expert_dtype` goes: the experts are no longer FP4."""
-        out = dict(config)
-        out.pop("expert_dtype", None)
-        return out
+        return without_fp4_experts(config)

@@ -13,7 +13,7 @@ import functools
 from typing import Any
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
-from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, MTP_PREFIX, split_o_groups
+from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, MTP_PREFIX, split_o_groups, without_fp4_experts
 from fmtconv.formats.base import SourceGroup
 
 # deepseek_v41 Model.sanitize drops these (mlx_lm 0.32.2 `_DROP_PREFIXES`).
@@ -127,7 +127,4 @@ class DeepseekV41Layout(ModelLayout):
         return out, dropped
 
     def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """model_type kept (a real bundle stays deepseek_v4); `expert_dtype` removed: experts are no longer FP4."""
-        out = dict(config)
-        out.pop("expert_dtype", None)
-        return out
+        return without_fp4_experts(config)

@@ -14,6 +14,7 @@ hyper-connections `hc_{attn,ffn}_{fn,base,scale}`.  Top level: `embed`, `head`, 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 
@@ -26,6 +27,13 @@ HC_PARAMS = ("fn", "base", "scale")
 
 def is_mtp(name: str) -> bool:
     return name.startswith(MTP_PREFIX)
+
+
+def without_fp4_experts(config: dict[str, Any]) -> dict[str, Any]:
+    """The release's config once its experts are no longer FP4: `expert_dtype` ("fp4") removed, model_type kept."""
+    out = dict(config)
+    out.pop("expert_dtype", None)
+    return out
 
 
 def split_o_groups(values: np.ndarray, groups: int) -> np.ndarray:
