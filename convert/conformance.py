@@ -94,16 +94,23 @@ def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = N
     return report
 
 
-def check_plan(plan: Plan) -> Conformance:
-    """The check on a header-only shadow of what `plan` will write, before anything is written.
+def check_plan(plan: Plan, bundle: Path | None = None) -> Conformance:
+    """`plan`'s bundle against its runtime, with the plan's per-module intent: the written `bundle`, or
+    (None) a header-only shadow of what the plan will write, before anything is written.
 
     The shadow's shards are sparse files of the bundle's size in the temp directory; where they cannot be
     made (a file-size limit, a full temp disk), this check is skipped with the reason, and the check on
-    the written bundle, before it becomes OUT, still runs.
+    the written bundle, before it becomes OUT, still runs.  A model type no layout claims (generic) is
+    skipped, not failed, by a runtime without that model.
     """
     from fmtconv.convert.pipeline import output_config
     from fmtconv.formats.safetensors_io import write_header_only, write_index
 
+    def check(where: Path) -> Conformance:
+        return check_bundle(where, plan.runtime, plan_intent(plan), require_model=plan.layout.family != "generic")
+
+    if bundle is not None:
+        return check(bundle)
     with tempfile.TemporaryDirectory(prefix="fmtconv-shadow-") as tmp:
         shadow = Path(tmp)
         try:
@@ -116,7 +123,7 @@ def check_plan(plan: Plan) -> Conformance:
             return report
         write_index(shadow, plan.weight_map(), plan.total_bytes)
         (shadow / "config.json").write_text(json.dumps(output_config(plan)))
-        return check_bundle(shadow, plan.runtime, plan_intent(plan), require_model=plan.layout.family != "generic")
+        return check(shadow)
 
 
 def plan_intent(plan: Plan) -> Intent:

@@ -35,7 +35,7 @@ from fmtconv.convert.plan import (
     Plan,
     PlannedTensor,
 )
-from fmtconv.convert.conformance import check_bundle, check_plan, enforce, plan_intent
+from fmtconv.convert.conformance import check_plan, enforce
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.dense import cast_integers
 from fmtconv.formats.safetensors_io import (
@@ -349,8 +349,7 @@ class Converter:
         config = output_config(self.plan)
         self._write_config(config)
         # The written bundle, as the runtime's loader reads it; a difference stops here, before OUT exists.
-        check = enforce(check_bundle(self.partial, self.plan.runtime, plan_intent(self.plan),
-                                     require_model=self.plan.layout.family != "generic"), where=self.partial)
+        check = enforce(check_plan(self.plan, self.partial), where=self.partial)
         self.conformance.append(check)
         config["fmtconv"]["runtime_check"] = check.record()
         self._write_config(config)

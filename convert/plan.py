@@ -72,7 +72,6 @@ class Plan:
     rounding: str
     recipe: Recipe
     layout: ModelLayout
-    runtime: str  # the runtime the bundle is written for (mlx-lm / mlx-vlm)
     tensors: list[PlannedTensor]
     dropped: list[str]
     warnings: list[str]
@@ -96,6 +95,11 @@ class Plan:
     def bits_per_weight(self) -> float:
         """Bytes on disk x 8 / parameters, as mlx_lm's compute_bits_per_weight counts them."""
         return self.total_bytes * 8 / max(self.total_params, 1)
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the bundle is written for (mlx-lm / mlx-vlm): its layout's."""
+        return self.layout.runtime
 
     @property
     def model_module(self) -> str:
@@ -303,8 +307,7 @@ def build_plan(
             raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
         seen.add(s.name)
     shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
-    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, layout.runtime, kept, dropped, warnings, shards,
-                source_files, source_bytes)
+    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes)
 
 
 def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str], layout: ModelLayout,
