@@ -53,7 +53,7 @@ def test_deepseek_v4_flash_full_size_q4q8_plan_passes_the_mlx_vlm_check(tmp_path
     print(f"DeepSeek-V4-Flash q4q8: plan + check {out['seconds']:.1f} s, peak RSS {out['peak_kb'] / 1024:.0f} MB")
     assert out["runtime"] == "mlx-vlm" and out["model_module"] == "mlx_vlm.models.deepseek_v4"
     assert out["problems"] == [] and out["skipped"] is None
-    assert out["seconds"] < 30 and out["peak_kb"] < 2 * 1024 * 1024
+    assert out["seconds"] < 60 and out["peak_kb"] < 2 * 1024 * 1024  # typically 2-5 s and under 200 MB
     quant = [tuple(q) for q in out["quantized"]]
     experts = [q for q in quant if ".ffn.switch_mlp." in q[0]]
     assert len(experts) == 43 * 3 and {q[1:] for q in experts} == {("affine", 4, 64)}
@@ -68,7 +68,7 @@ def test_step3p7_flash_full_size_dq4_plan_is_the_published_table(tmp_path):
     out = _full_size(tmp_path, rh.step3p7_flash_config(), rh.step3p7_flash_specs(), "dq4")
     print(f"Step-3.7-Flash dq4: plan + check {out['seconds']:.1f} s, peak RSS {out['peak_kb'] / 1024:.0f} MB")
     assert out["problems"] == [] and out["skipped"] is None and out["model_module"] == "mlx_vlm.models.step3p7"
-    assert out["seconds"] < 30 and out["peak_kb"] < 2 * 1024 * 1024
+    assert out["seconds"] < 60 and out["peak_kb"] < 2 * 1024 * 1024  # typically 2-5 s and under 200 MB
     quant = [tuple(q) for q in out["quantized"]]
     assert len(quant) == 530 and Counter(q[2] for q in quant) == {4: 232, 5: 16, 6: 4, 8: 278}
     assert {(q[1], q[3]) for q in quant} == {("affine", 64)}
