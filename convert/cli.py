@@ -82,13 +82,14 @@ def _plan_from_args(args: argparse.Namespace):
 
     _resolve_src(args)
     return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, encoder=args.encoder)
+                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, runtime=args.runtime, encoder=args.encoder)
 
 
 def _print_plan(p, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family}, {p.compute_dtype}")
+    table = Table(title=f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family} for {p.runtime} "
+                        f"({p.model_module}), {p.compute_dtype}")
     for col in ("module pattern", "mode", "bits", "group", "dtype", "route", "count", "params", "bytes"):
         table.add_column(col, overflow="fold", justify="right" if col in ("bits", "group", "count", "params", "bytes") else "left")
     for r in p.table():
@@ -101,7 +102,8 @@ def _print_plan(p, console) -> None:
     for label, n in sorted(p.bit_distribution().items()):
         console.print(f"  {label:18s} {n / max(p.total_params, 1):7.2%} of parameters")
     if p.dropped:
-        console.print(f"dropped {len(p.dropped)} source weight(s), e.g. {p.dropped[0]}")
+        patterns = ", ".join(f"{k} (x{n})" for k, n in p.dropped_patterns().items())
+        console.print(f"dropped {len(p.dropped)} source tensor(s) {p.runtime} does not load: {patterns}")
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -126,7 +128,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if not any(t.source_codec == codec for t in p.tensors):
             raise FmtconvError(f"no {codec} tensors found; use `fmtconv convert --recipe` for this checkpoint", file=args.src)
     result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                     rounding=args.rounding, family=args.family, overwrite=args.overwrite, quiet=args.quiet or args.json,
+                     rounding=args.rounding, family=args.family, runtime=args.runtime, overwrite=args.overwrite, quiet=args.quiet or args.json,
                      workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card,
                      encoder=args.encoder)
     if args.json:
@@ -167,8 +169,45 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         if not args.source:
             raise FmtconvError("--compare-encoders needs --source (the values both encoders are run on)")
         report.encoders = compare_encoders(args.out, src)
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text())
-    return 0 if report.ok else 1
+    ok = report.ok
+    out = report.to_json()
+    text = report.to_text()
+    if args.runtime is not None:
+        from fmtconv.convert.conformance import check_bundle
+        from fmtconv.convert.runtimes import owner_of
+
+        runtime = args.runtime or _bundle_runtime(args.out) or owner_of(_bundle_config(args.out).get("model_type")).name
+        conf = check_bundle(args.out, runtime)
+        ok = ok and not conf.problems
+        out["conformance"] = conf.to_json()
+        text += "\n" + _conformance_text(conf)
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0 if ok else 1
+
+
+def _bundle_config(out) -> dict:
+    from pathlib import Path
+
+    path = Path(out) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FmtconvError(f"cannot read the bundle's config ({e})", file=path) from None
+
+
+def _bundle_runtime(out) -> str | None:
+    """The runtime a bundle says it was written for (config.json's fmtconv block)."""
+    return (_bundle_config(out).get("fmtconv") or {}).get("runtime")
+
+
+def _conformance_text(conf) -> str:
+    if conf.skipped:
+        return f"runtime check: skipped: {conf.skipped}"
+    if not conf.problems:
+        return (f"runtime check: {conf.model_module} ({conf.runtime}) loads all {conf.tensors} tensors, "
+                f"{conf.quantized_modules} quantized modules ({conf.seconds:.1f} s)")
+    lines = [f"runtime check: {len(conf.problems)} difference(s) against {conf.model_module} ({conf.runtime}):"]
+    return "\n".join(lines + [f"  {p}" for p in conf.problems])
 
 
 def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
@@ -184,6 +223,8 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("--encoder", default="minmax", choices=["minmax", "mse"],
                    help="affine scales/biases: minmax (MLX's own, bit-exact with mx.quantize, default) or mse "
                         "(error-minimising, same format and size); a recipe rule's `encoder` overrides it")
+    p.add_argument("--runtime", choices=["mlx-lm", "mlx-vlm"],
+                   help="the MLX package the bundle is written for (default: the one that owns the model_type)")
     p.add_argument("--max-shard-size", type=_parse_size, default="5GiB", help="shard size cap (default 5GiB, as mlx_lm)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--revision", help="hub revision when SRC is a repo id (org/name)")
@@ -235,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="SQNR floor in dB for outliers (default: per output kind)")
     p.add_argument("--compare-encoders", action="store_true",
                    help="with --source: re-encode every affine module with minmax and with mse, SQNR per module pattern")
+    p.add_argument("--runtime", nargs="?", const="", choices=["", "mlx-lm", "mlx-vlm"],
+                   help="also check the bundle against the runtime's own model class (default: the one it was written for)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 

@@ -35,7 +35,9 @@ from fmtconv.convert.plan import (
     Plan,
     PlannedTensor,
 )
+from fmtconv.convert.conformance import check_plan, enforce
 from fmtconv.errors import FmtconvError
+from fmtconv.formats.dense import cast_integers
 from fmtconv.formats.safetensors_io import (
     INDEX_NAME,
     Checkpoint,
@@ -117,6 +119,7 @@ class Converter:
         self._tensors_done = 0
         self._lock_fd: int | None = None
         self._codecs: dict[str, Any] = {}
+        self.conformance: list[Any] = []  # the runtime checks, after planning and before the rename
         self._done_bytes = 0
         self._done_lock = threading.Lock()
 
@@ -186,6 +189,9 @@ class Converter:
         if pt.route == PASSTHROUGH:
             raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
             return {pt.target.name: select_rows(raw, pt)}
+        if pt.mode == "dense" and pt.dtype not in COMPUTE_DTYPES:  # integers the runtime holds in another dtype
+            raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
+            return {pt.target.name: cast_integers(select_rows(raw, pt), np.dtype(pt.dtype), name=g.name)}
         if pt.route == REPACK:
             rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=rows)
             return {f"{module}.weight": select_rows(rep["weight"], pt), f"{module}.scales": select_rows(rep["scales"], pt)}
@@ -319,6 +325,8 @@ class Converter:
     def run(self, *, overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         check_out_path(self.plan.source, self.out, overwrite)
+        # Before anything is created: the planned tensors against the runtime's own model class.
+        self.conformance = [enforce(check_plan(self.plan), where=self.out)]
         resuming = self.partial.exists()
         if not resuming:  # refuse before creating anything
             check_disk_space(_existing_parent(self.partial), self.plan.total_bytes)
@@ -367,18 +375,29 @@ class Converter:
         else:
             os.replace(self.partial, self.out)
         wall = time.perf_counter() - t0
-        return summary(self.plan, self.out, wall)
+        out = summary(self.plan, self.out, wall)
+        out["conformance"] = [c.to_json() for c in self.conformance]
+        out["warnings"] = out["warnings"] + list(dict.fromkeys(c.skipped for c in self.conformance if c.skipped))
+        return out
 
     def _finish(self, extra_files: Callable[[Path], None] | None) -> None:
         write_index(self.partial, self.plan.weight_map(), self.plan.total_bytes)
         copy_side_files(self.plan.source, self.partial, with_readme=extra_files is None)
         config = output_config(self.plan)
-        tmp = self.partial / "config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=4) + "\n")
-        os.replace(tmp, self.partial / "config.json")
+        self._write_config(config)
+        # The written bundle, as the runtime's loader reads it; a difference stops here, before OUT exists.
+        check = enforce(check_plan(self.plan, self.partial), where=self.partial)
+        self.conformance.append(check)
+        config["fmtconv"]["runtime_check"] = check.record()
+        self._write_config(config)
         if extra_files is not None:
             extra_files(self.partial)
         (self.partial / MANIFEST).unlink(missing_ok=True)  # last: until now a re-run resumes with the finished shards
+
+    def _write_config(self, config: dict[str, Any]) -> None:
+        tmp = self.partial / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=4) + "\n")
+        os.replace(tmp, self.partial / "config.json")
 
     def _load_manifest(self) -> dict[str, Any]:
         fingerprint = self.plan.fingerprint()
@@ -570,6 +589,7 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "source": str(plan.source),
         "recipe": plan.recipe.name,
         "layout": plan.layout.family,
+        "runtime": plan.runtime,
         "recipe_rules": plan.recipe.model_dump(mode="json")["rules"],
         "kernel_backend": plan.kernel_backend,
         "rounding": plan.rounding,

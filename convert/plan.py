@@ -21,13 +21,14 @@ from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
 from fmtconv.convert.recipes import ENCODERS, FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
 from fmtconv.formats import rounding
-from fmtconv.formats.dtypes import dtype_name_for
+from fmtconv.formats.dense import PASSTHROUGH_DTYPES
+from fmtconv.formats.dtypes import dtype_name_for, stored_dtype
 from fmtconv.formats.safetensors_io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, assign_shards, shard_names
 
 COMPUTE_DTYPES = {d.name: d for d in rounding.COMPUTE_DTYPES}  # "bfloat16" / "float16" / "float32" -> dtype
 _ST_NAME = {name: dtype_name_for(d) for name, d in COMPUTE_DTYPES.items()}  # -> safetensors "BF16" / ...
 _FROM_ST_NAME = {st: name for name, st in _ST_NAME.items()}
-# Source codecs whose stored tensors are plain floats (a passthrough is a byte copy).
+# Source codecs whose stored tensors are plain floats or integers (a passthrough is a byte copy).
 _DENSE_CODEC = "dense"
 
 # Routes, cheapest first.
@@ -97,6 +98,18 @@ class Plan:
         """Bytes on disk x 8 / parameters, as mlx_lm's compute_bits_per_weight counts them."""
         return self.total_bytes * 8 / max(self.total_params, 1)
 
+    @property
+    def runtime(self) -> str:
+        """The runtime the bundle is written for (mlx-lm / mlx-vlm): its layout's."""
+        return self.layout.runtime
+
+    @property
+    def model_module(self) -> str:
+        """The runtime's model module that will load the bundle, e.g. mlx_vlm.models.deepseek_v4."""
+        from fmtconv.convert.runtimes import runtime_named
+
+        return runtime_named(self.runtime).model_module(self.config)
+
     def weight_map(self) -> dict[str, str]:
         names = self.shard_files
         return {spec.name: names[i] for i, shard in enumerate(self.shards) for spec in shard}
@@ -144,6 +157,10 @@ class Plan:
             r["bytes"] += t.nbytes
         return list(rows.values())
 
+    def dropped_patterns(self) -> dict[str, int]:
+        """The dropped source tensors by name pattern (layer and expert indices -> {i}), with counts."""
+        return dict(Counter(module_pattern(n) for n in self.dropped))
+
     def bit_distribution(self) -> dict[str, int]:
         """Parameters per bit width ('16' for bfloat16 kept tensors, etc.)."""
         dist: dict[str, int] = defaultdict(int)
@@ -159,6 +176,8 @@ class Plan:
             "source": str(self.source),
             "recipe": self.recipe.name,
             "layout": self.layout.family,
+            "runtime": self.runtime,
+            "model_module": self.model_module,
             "compute_dtype": self.compute_dtype,
             "kernel_backend": self.kernel_backend,
             "rounding": self.rounding,
@@ -171,6 +190,7 @@ class Plan:
             ],
             "table": self.table(),
             "dropped": self.dropped,
+            "dropped_patterns": self.dropped_patterns(),
             "warnings": self.warnings,
             "shards": len(self.shards),
             "total_bytes": self.total_bytes,
@@ -225,8 +245,8 @@ def target_shape(t: TargetTensor) -> tuple[int, ...]:
     shape = list(src.shape)
     if t.rows is not None:
         shape[-2] = len(range(*slice(*t.rows).indices(shape[-2])))
-    if t.transform is not None:
-        probe = np.zeros(tuple(shape), dtype=np.float32)
+    if t.transform is not None:  # a zero-stride view: reshapes and transposes of it cost no memory at any size
+        probe = np.broadcast_to(np.zeros((), dtype=np.float32), tuple(shape))
         shape = list(t.transform(probe).shape)
     if len(t.sources) > 1:
         shape = [len(t.sources)] + shape
@@ -254,8 +274,9 @@ def build_plan(
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     encoder: str = "minmax",
+    runtime: str | None = None,
 ) -> Plan:
-    """Plan a conversion without writing anything."""
+    """Plan a conversion without writing anything (`runtime`: default, the one that owns the model_type)."""
     from fmtconv.formats.grouping import find_groups
 
     src = Path(src)
@@ -269,7 +290,7 @@ def build_plan(
         raise FmtconvError("source must be a checkpoint directory", file=src)
     config = read_config(src)
     dtype = compute_dtype_of(config, compute_dtype)
-    layout = layout_for(config, family)
+    layout = layout_for(config, family, runtime)
     with Checkpoint(src) as ck:
         groups = find_groups(ck.tensors, config)
         source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
@@ -319,13 +340,18 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
     shape = target_shape(t)
     module = t.module
     quantizable = t.quantizable and t.name.endswith(".weight")
-    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers)
+    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers, multimodal=layout.is_multimodal(t.name))
     rule_desc = "" if rule is None else f"{rule.mode} (match {rule.match!r}{', layers ' + rule.layers if rule.layers else ''})"
     if rule is not None and rule.mode == "drop":
         return PlannedTensor(t, DROP, "dense", None, None, dtype, codec, shape, [], rule_desc)
+    src_st = stored.get(next(iter(t.sources[0].parts.values()))) if codec == _DENSE_CODEC else None
+    if src_st in PASSTHROUGH_DTYPES:  # hash tables, ids: never decoded; held in the dtype the runtime's model has
+        out_st = layout.integer_dtype(t.name, src_st)
+        route = PASSTHROUGH if out_st == src_st and t.transform is None else CAST
+        return PlannedTensor(t, route, "dense", None, None, stored_dtype(out_st).numpy.name, codec, shape,
+                             [TensorSpec(t.name, out_st, shape)], "integer")
     if rule is None or rule.mode in ("keep", "dense"):
         out = rule.dtype if rule is not None and rule.mode == "dense" else dtype
-        src_st = stored.get(next(iter(t.sources[0].parts.values()))) if codec == _DENSE_CODEC else None
         if (rule is None or rule.mode == "keep") and layout.keeps_source_dtype(t.name) and src_st in _ST_NAME.values():
             out = _FROM_ST_NAME[src_st]  # the runtime keeps it uncast (cast_predicate)
         route = PASSTHROUGH if (src_st == _ST_NAME[out] and t.transform is None) else CAST
