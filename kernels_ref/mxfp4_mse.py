@@ -18,13 +18,15 @@ or iterating:
      Per pattern of offsets present, candidates that another matches or beats on every point are dropped
      (they can never be the strict minimum).
   3. (groups x counts) @ (counts x candidates): every group's exact error for every candidate, up to 4^e, in
-     one matrix product; the argmin is the best pair of the table.
+     one matrix product; the argmin is the best pair of the table (the product screens in float32, the few
+     candidates near each minimum are then summed in a fixed order in float64, so the choice does not depend
+     on the BLAS).
   4. MLX's own min/max pair, from a second table: MLX's arithmetic (`affine._params`, step 5) is exact under
      powers of two too, so for each pair (lowest, highest) of unit points the table holds MLX's rounded
      scale and bias and, per point, the smaller error of MLX's own code and of the exact nearest code.  With
      the group's extremes (from the codes present) this is an error never above that of MLX's bytes.
-  5. The group keeps the table's pair where its error is smaller by more than the float32 sums' rounding
-     (1e-5 relative), else the min/max pair: never worse than min/max.
+  5. The group keeps the table's pair where its error is smaller by more than the float32 per-point errors'
+     rounding (1e-5 relative), else the min/max pair: never worse than min/max.
 Groups the tables do not cover (a block exponent more than 3 below the group's largest, a largest exponent
 outside [-100, 100], a range so small that MLX's scale floor eps applies) go through `affine_mse` on their
 decoded values; a float16 compute dtype (narrow exponent range) is left to the caller's float path.
@@ -45,7 +47,8 @@ from .tables import E2M1_VALUES
 
 MAX_OFFSET = 3  # block exponents at most this far below the group's largest are tabulated
 _EXP_RANGE = 100  # |largest exponent| up to which every level and product stays a normal float
-_TABLE_MARGIN = 1e-5  # relative: the table's float32 error sums must beat min/max by more than their rounding
+_TABLE_MARGIN = 1e-5  # relative: the table's error (sums of float32 per-point errors) must beat min/max by more
+_SCREEN = 1e-4  # relative window of the float32 screen around each group's smallest error
 _EPS = 1e-7  # MLX's scale floor (affine.py step 2)
 _ROWS_PER_STEP = 1 << 13  # blocks per vectorised step (the groups x candidates error matrix stays in L2/L3)
 _BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -90,6 +93,15 @@ def candidate_table(dtype_name: str, backend: str, bits: int) -> tuple[np.ndarra
         better = err < best_err
         best_err, best_q = np.where(better, err, best_err), np.where(better, q, best_q)
     return sigma, beta, np.ascontiguousarray(best_err.T.astype(np.float32)), best_q.astype(np.uint8)
+
+
+def ordered_sums(f: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """Row sums of f * e in float64, column by column: elementwise IEEE steps, the same bits on every machine.
+    f holds counts (small integers) and e float32 errors, so each product is exact."""
+    acc = np.zeros(f.shape[0], dtype=np.float64)
+    for j in range(f.shape[1]):
+        acc += f[:, j].astype(np.float64) * e[:, j].astype(np.float64)
+    return acc
 
 
 @functools.lru_cache(maxsize=None)
@@ -188,12 +200,11 @@ def _mse_step(blk: np.ndarray, s_blk: np.ndarray, per: int, bits: int, dtype: np
     sigma_k, beta_k, _, codes_t = candidate_table(dtype.name, backend, bits)
     # Each block's 16 points sit at rows id * 64 + offset * 16 of the 64-point tables.
     slot = (offset * 16)[:, None] + np.arange(16)
-    e_mm = np.einsum("ij,ij->i", counts, np.take(mm_err.reshape(-1), np.repeat(mm_id * 64, per)[:, None] + slot))
-    if per > 1:
-        e_mm = e_mm.reshape(ng, per).sum(axis=1)
+    e_mm = ordered_sums(counts, np.take(mm_err.reshape(-1), np.repeat(mm_id * 64, per)[:, None] + slot))
+    e_mm = ordered_sums(np.ones((ng, per)), e_mm.reshape(ng, per))
     # The table: counts by offset and code, one matrix product per pattern of offsets present.
     k = np.empty(ng, dtype=np.intp)
-    e_tab = np.empty(ng, dtype=np.float32)
+    e_tab = np.empty(ng, dtype=np.float64)
     if per == 1:
         parts = [((0,), slice(None), lambda sel: counts[sel])]
     elif per == 2:  # the pattern is (0, delta): the larger-exponent block's counts, then the other's
@@ -222,10 +233,19 @@ def _mse_step(blk: np.ndarray, s_blk: np.ndarray, per: int, bits: int, dtype: np
         if isinstance(sel, np.ndarray) and sel.size == 0:
             continue
         ids, et = pattern_table(dtype.name, backend, bits, offs)
-        err = features(sel) @ et
-        kl = np.argmin(err, axis=1)
-        k[sel] = ids[kl]
-        e_tab[sel] = np.take_along_axis(err, kl[:, None], axis=1)[:, 0]
+        sel = np.arange(ng)[sel]
+        f = features(sel)
+        # A float32 matrix product screens the candidates: sums of non-negative terms, so its relative error
+        # (<= 64 * 2^-24) is far inside _SCREEN and every true minimum survives.  The survivors' errors are
+        # then summed in one fixed order in float64: a BLAS may order and fuse its sums as it likes, and
+        # near-ties must not break differently on another machine.
+        err = f @ et
+        rows, cand = np.nonzero(err <= err.min(axis=1, keepdims=True) * np.float32(1 + _SCREEN))
+        exact = ordered_sums(f[rows], et[:, cand].T)
+        order = np.lexsort((cand, exact, rows))  # per group: the smallest error, ties to the earliest candidate
+        best = order[np.r_[True, rows[order][1:] != rows[order][:-1]]]
+        k[sel[rows[best]]] = ids[cand[best]]
+        e_tab[sel[rows[best]]] = exact[best]
     use_tab = e_tab * (1 + _TABLE_MARGIN) < e_mm
     # Codes per block from whichever table won, at the block's offset.
     flat = _joined_codes(dtype.name, backend, bits)
