@@ -66,7 +66,14 @@ def group_sse(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndar
     """
     d = to_float32(dequantize_values(np.asarray(codes, dtype=np.float32), scale[:, None], bias[:, None], dtype, backend))
     np.subtract(d, x, out=d)  # exact in float32 for the dtype values met here
-    return np.einsum("ij,ij->i", d, d, dtype=np.float64)
+    return row_dot(d, d)
+
+
+def row_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """float64 row sums of a * b: exact float64 products of float32 values, added by NumPy's pairwise sum (plain
+    C, one fixed order).  Not einsum: its SIMD loops may group the terms differently on another CPU, and these
+    sums decide which pair a group gets."""
+    return np.multiply(a, b, dtype=np.float64).sum(axis=1)
 
 
 class _Fit:
@@ -77,14 +84,14 @@ class _Fit:
         self.n = float(x.shape[1])
         self.ones = np.ones(x.shape[1], dtype=np.float32)
         self.t0 = x.sum(axis=1, dtype=np.float64)
-        self.v2 = np.einsum("ij,ij->i", x, x, dtype=np.float64)
+        self.v2 = row_dot(x, x)
 
     def sums(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """float64 sum q, sum q^2, sum q*x per group."""
-        s1 = (q @ self.ones).astype(np.float64)  # integer sums: exact in float32 (< 2^24)
-        s2 = np.einsum("ij,ij->i", q, q).astype(np.float64)
+        s1 = (q @ self.ones).astype(np.float64)  # integer sums: exact in float32 (< 2^24), in any order
+        s2 = np.einsum("ij,ij->i", q, q).astype(np.float64)  # likewise
         with np.errstate(over="ignore", invalid="ignore"):
-            t1 = np.einsum("ij,ij->i", q, self.x).astype(np.float64)
+            t1 = row_dot(q, self.x)
         return s1, s2, t1
 
     def __call__(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
