@@ -27,6 +27,7 @@ Deterministic: fixed starts and iteration counts, IEEE float32/float64 NumPy ari
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 
 from fmtconv.errors import FmtconvError
@@ -149,7 +150,9 @@ def round_pair(n: float | np.ndarray, sums: tuple[np.ndarray, np.ndarray, np.nda
     two dtype neighbours, each with the best real bias for it rounded and its neighbours (9 pairs), rated by the
     codes' exact quadratic error s2*s^2 + 2*s1*s*b + n*b^2 - 2*t1*s - 2*t0*b + v2 (sums: s1 = sum q, s2 = sum q^2,
     t1 = sum q*x; t0 = sum x, v2 = sum x^2 per group).  float32 arrays holding dtype values."""
-    rel = 2.0 ** -(np.finfo(dtype).nmant + 1)  # half a unit in the last place, relative: reaches the neighbours
+    # Half a unit in the last place, relative: reaches the neighbours.  ml_dtypes.finfo, since older NumPy's
+    # finfo rejects bfloat16 (seen with numpy 2.0.0, the declared minimum).
+    rel = 2.0 ** -(ml_dtypes.finfo(dtype).nmant + 1)
 
     def near(v: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
