@@ -25,10 +25,13 @@ def plan(
     rounding: str = "mlx-lm",
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    encoder: str = "minmax",
+    runtime: str | None = None,
 ) -> Plan:
-    """The conversion plan, nothing written."""
+    """The conversion plan, nothing written (`runtime`: mlx-lm / mlx-vlm; default, the one that owns the model_type;
+    `encoder`: the affine encoder of rules that name none, "minmax" | "mse")."""
     return build_plan(src, resolve_recipe(recipe), compute_dtype=compute_dtype, kernel_backend=kernel_backend,
-                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes)
+                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder)
 
 
 def convert(
@@ -40,19 +43,21 @@ def convert(
     kernel_backend: str = "metal",
     rounding: str = "mlx-lm",
     family: str | None = None,
+    runtime: str | None = None,
     overwrite: bool = False,
     quiet: bool = True,
     workers: int | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     model_card: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    encoder: str = "minmax",
 ) -> dict[str, Any]:
     """Convert SRC into an MLX bundle at OUT; returns the run summary. Resumes an interrupted run."""
     from fmtconv.convert.pipeline import Converter, check_out_path
 
     check_out_path(Path(src), Path(out), overwrite)
     p = plan(src, recipe, compute_dtype=compute_dtype, kernel_backend=kernel_backend, rounding=rounding,
-             family=family, max_shard_bytes=max_shard_bytes)
+             family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder)
     extra = _model_card_writer(p) if model_card else None
     if progress is None and not quiet and sys.stderr.isatty():
         from fmtconv.convert.progress import RichProgress

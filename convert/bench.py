@@ -35,6 +35,7 @@ from fmtconv.convert.bench_data import DEFAULT_DIR, generate_checkpoint, generat
 from fmtconv.convert.bench_phases import evict_page_cache, fmtconv_command, mlx_lm_command, run_phase_in_child, same_tensors
 
 PHASES = ("fmtconv", "fmtconv_metal", "usual", "copy", "threads", "v3")
+PHASES_ALL = (*PHASES, "mse")  # mse: the fmtconv phase with --encoder mse (not run by default)
 V4_RECIPE = "q4q8"
 V3_BITS = 4
 # (name, report key, comparison, threshold): the speed issue's targets, checked on every run
@@ -132,6 +133,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
             command: list[str] | None = None, out: Path | None = None) -> Path:
         out = out or runs / name
         shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)  # an interrupted run would resume
         say(f"running {name} ...")
         if cold:
             evict_page_cache(Path(kwargs["src"]))
@@ -148,8 +150,9 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
             results[name]["command"] = " ".join(command)
         return out
 
-    def v4_args(out_name: str, backend: str) -> list[str]:
+    def v4_args(out_name: str, backend: str, encoder: str = "minmax") -> list[str]:
         args = ["convert", str(src), str(runs / out_name), "--recipe", V4_RECIPE, "--kernel-backend", backend, "--quiet"]
+        args += ["--encoder", encoder] if encoder != "minmax" else []
         return args + (["--workers", str(workers)] if workers else [])
 
     def drop(*names: str) -> None:
@@ -164,13 +167,13 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
     rounds: dict[str, list[dict[str, Any]]] = {}
     for i in range(repeat):
         tag = "" if i == 0 else f"#{i}"  # the first round's fmtconv output is kept for the byte comparisons
-        for name, backend in (("fmtconv", "cpu"), ("copy", None), ("fmtconv_metal", "metal")):
+        for name, backend in (("fmtconv", "cpu"), ("copy", None), ("fmtconv_metal", "metal"), ("mse", "cpu")):
             if name not in phases:
                 continue
             if backend is None:
                 run(name + tag, "copy", {"src": str(src), "bytes_out": p.total_bytes}, params, bytes_in)
             else:
-                a = v4_args(name + tag, backend)
+                a = v4_args(name + tag, backend, "mse" if name == "mse" else "minmax")
                 run(name + tag, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
             rounds.setdefault(name, []).append(results.pop(name + tag))
             if name != "fmtconv" or tag:
@@ -197,6 +200,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
     _ratio(report, "ratio_fmtconv_metal_over_copy", "copy", "fmtconv_metal")
     _ratio(report, "ratio_fmtconv_metal_over_usual", "usual", "fmtconv_metal")
     _ratio(report, "ratio_v3_fmtconv_over_mlx_lm", "v3_mlx_lm", "v3_fmtconv")
+    _ratio(report, "ratio_mse_over_minmax", "mse", "fmtconv")  # a cost (slow / fast), not a speed-up
     if _ok(results, "copy"):
         report["copy_mb_per_s"] = results["copy"]["mb_per_s"]
     fm = [results[k]["peak_rss_mb"] for k in results if k.startswith(("fmtconv", "v3_fmtconv")) and _ok(results, k)]
@@ -307,11 +311,11 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
     """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it."""
     import json
 
-    unknown = set(phases) - set(PHASES)
-    if unknown:
+    unknown = set(phases) - set(PHASES_ALL)
+    if unknown or not phases:
         from fmtconv.errors import FmtconvError
 
-        raise FmtconvError(f"unknown bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES)}")
+        raise FmtconvError(f"unknown bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES_ALL)}")
     root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
     reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
@@ -352,6 +356,8 @@ def print_table(report: dict[str, Any]) -> None:
               + f"; bytes identical: {ts['bytes_identical_to_all_core_run']}")
     if report.get("fmtconv_bytes_equal_usual") is not None:
         print(f"fmtconv bytes == usual pipeline bytes: {report['fmtconv_bytes_equal_usual']}")
+    if "ratio_mse_over_minmax" in report:
+        print(f"mse / minmax     {report['ratio_mse_over_minmax']:.2f}x wall  (target <= 3)")
     if report.get("v3_bytes_identical") is not None:
         print(f"fmtconv bytes == mlx_lm.convert bytes (V3): {report['v3_bytes_identical']}")
     for t in report["targets"]:

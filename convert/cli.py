@@ -82,13 +82,14 @@ def _plan_from_args(args: argparse.Namespace):
 
     _resolve_src(args)
     return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size)
+                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, runtime=args.runtime, encoder=args.encoder)
 
 
 def _print_plan(p, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family}, {p.compute_dtype}")
+    table = Table(title=f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family} for {p.runtime} "
+                        f"({p.model_module}), {p.compute_dtype}")
     for col in ("module pattern", "mode", "bits", "group", "dtype", "route", "count", "params", "bytes"):
         table.add_column(col, overflow="fold", justify="right" if col in ("bits", "group", "count", "params", "bytes") else "left")
     for r in p.table():
@@ -101,7 +102,8 @@ def _print_plan(p, console) -> None:
     for label, n in sorted(p.bit_distribution().items()):
         console.print(f"  {label:18s} {n / max(p.total_params, 1):7.2%} of parameters")
     if p.dropped:
-        console.print(f"dropped {len(p.dropped)} source weight(s), e.g. {p.dropped[0]}")
+        patterns = ", ".join(f"{k} (x{n})" for k, n in p.dropped_patterns().items())
+        console.print(f"dropped {len(p.dropped)} source tensor(s) {p.runtime} does not load: {patterns}")
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -126,8 +128,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         if not any(t.source_codec == codec for t in p.tensors):
             raise FmtconvError(f"no {codec} tensors found; use `fmtconv convert --recipe` for this checkpoint", file=args.src)
     result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                     rounding=args.rounding, family=args.family, overwrite=args.overwrite, quiet=args.quiet or args.json,
-                     workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card)
+                     rounding=args.rounding, family=args.family, runtime=args.runtime, overwrite=args.overwrite, quiet=args.quiet or args.json,
+                     workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card,
+                     encoder=args.encoder)
     if args.json:
         print(json.dumps(result, indent=2))
     elif not args.quiet:
@@ -160,8 +163,51 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             report = verify_bundle(args.out, src, pairs=source_pairs(args.out, src, ck), threshold_db=args.threshold)
     else:
         report = verify_bundle(args.out, threshold_db=args.threshold)
-    print(json.dumps(report.to_json(), indent=2) if args.json else report.to_text())
-    return 0 if report.ok else 1
+    if args.compare_encoders:
+        from fmtconv.convert.encoder_compare import compare_encoders
+
+        if not args.source:
+            raise FmtconvError("--compare-encoders needs --source (the values both encoders are run on)")
+        report.encoders = compare_encoders(args.out, src)
+    ok = report.ok
+    out = report.to_json()
+    text = report.to_text()
+    if args.runtime is not None:
+        from fmtconv.convert.conformance import check_bundle
+        from fmtconv.convert.runtimes import owner_of
+
+        runtime = args.runtime or _bundle_runtime(args.out) or owner_of(_bundle_config(args.out).get("model_type")).name
+        conf = check_bundle(args.out, runtime)
+        ok = ok and not conf.problems
+        out["conformance"] = conf.to_json()
+        text += "\n" + _conformance_text(conf)
+    print(json.dumps(out, indent=2) if args.json else text)
+    return 0 if ok else 1
+
+
+def _bundle_config(out) -> dict:
+    from pathlib import Path
+
+    path = Path(out) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FmtconvError(f"cannot read the bundle's config ({e})", file=path) from None
+
+
+def _bundle_runtime(out) -> str | None:
+    """The runtime a bundle says it was written for (config.json's fmtconv block)."""
+    return (_bundle_config(out).get("fmtconv") or {}).get("runtime")
+
+
+def _conformance_text(conf) -> str:
+    if conf.skipped:
+        return f"runtime check: skipped: {conf.skipped}"
+    if not conf.problems:
+        return (f"runtime check: {conf.model_module} ({conf.runtime}) loads all {conf.tensors} tensors, "
+                f"{conf.quantized_modules} quantized modules ({conf.seconds:.1f} s)")
+    lines = [f"runtime check: {len(conf.problems)} difference(s) against {conf.model_module} ({conf.runtime}):"]
+    return "\n".join(lines + [f"  {p}" for p in conf.problems])
 
 
 def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
@@ -174,6 +220,11 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("--rounding", default="mlx-lm", choices=["mlx-lm", "exact"],
                    help="FP8 x float32 scale: round as mlx_lm's sanitize does (default) or once, exactly")
     p.add_argument("--family", help="model layout family (default: from config model_type)")
+    p.add_argument("--encoder", default="minmax", choices=["minmax", "mse"],
+                   help="affine scales/biases: minmax (MLX's own, bit-exact with mx.quantize, default) or mse "
+                        "(error-minimising, same format and size); a recipe rule's `encoder` overrides it")
+    p.add_argument("--runtime", choices=["mlx-lm", "mlx-vlm"],
+                   help="the MLX package the bundle is written for (default: the one that owns the model_type)")
     p.add_argument("--max-shard-size", type=_parse_size, default="5GiB", help="shard size cap (default 5GiB, as mlx_lm)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--revision", help="hub revision when SRC is a repo id (org/name)")
@@ -226,23 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="hub revision when --source is a repo id")
     p.add_argument("--cache-dir", help="hub cache directory")
     p.add_argument("--threshold", type=float, help="SQNR floor in dB for outliers (default: per output kind)")
+    p.add_argument("--compare-encoders", action="store_true",
+                   help="with --source: re-encode every affine module with minmax and with mse, SQNR per module pattern")
+    p.add_argument("--runtime", nargs="?", const="", choices=["", "mlx-lm", "mlx-vlm"],
+                   help="also check the bundle against the runtime's own model class (default: the one it was written for)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
 
-    p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline, a plain copy and mlx_lm.convert, or the kernels")
-    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels"])
+    p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline, a plain copy and mlx_lm.convert; "
+                                     "the kernels; or the two encoders")
+    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels", "encoders"])
     p.add_argument("--size", type=_parse_size, action="append",
                    help="synthetic checkpoint size (default 4GB); give it twice (e.g. --size 4GB --size 8GB) for the scaling check")
     p.add_argument("--dir", help="where the synthetic checkpoints live (default ./bench-data)")
     p.add_argument("--phases", default="fmtconv,fmtconv_metal,usual,copy,threads,v3",
-                   help="comma-separated subset of fmtconv, fmtconv_metal, usual, copy, threads, v3 (default: all)")
+                   help="comma-separated subset of fmtconv, fmtconv_metal, usual, copy, threads, v3, and mse (fmtconv with "
+                        "--encoder mse; not in the default)")
     p.add_argument("--workers", type=int, help="fmtconv threads in the fmtconv phases (default: all cores)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="run fmtconv, copy, fmtconv_metal and v3_fmtconv N times, interleaved, and report each one's median "
-                        "run (for shared machines; default 1)")
+                   help="run fmtconv, copy, fmtconv_metal, mse and v3_fmtconv N times, interleaved, and report each one's "
+                        "median run (for shared machines; default 1)")
     p.add_argument("--cold", action="store_true",
                    help="drop the source's pages from the page cache before every phase (Linux), so each reads it from disk")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    p.add_argument("--kernel-backend", default="cpu", choices=["metal", "cuda", "cpu"],
+                   help="encoders bench: the affine arithmetic (default cpu)")
+    p.add_argument("--source", action="append", help="encoders bench: also measure this checkpoint's tensors (repeatable)")
+    p.add_argument("--bound", action="store_true", help="encoders bench: add an exhaustive search's gain (slow) for dense 4-bit")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
 
@@ -264,6 +325,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                 print(section)
                 for k, v in figures.items():
                     print(f"  {k:46s} {v:.3f}" if isinstance(v, float) else f"  {k:46s} {v}")
+        return 0
+    if args.what == "encoders":
+        from fmtconv.convert.encoder_bench import print_encoder_table, run_encoder_bench
+
+        rows = run_encoder_bench(args.source or [], kernel_backend=args.kernel_backend, bound=args.bound)
+        print(json.dumps(rows, indent=2) if args.json else print_encoder_table(rows))
         return 0
     from pathlib import Path
 

@@ -1,7 +1,7 @@
 """The bundle's README.md: source, recipe, per-module-pattern table, bit distribution, size, verify summary.
 
 Everything in the tables is read back from what was written (config.json's `quantization` block and
-the shard headers), not from the plan, so the card describes the bundle as `mlx_lm.load` sees it.
+the shard headers), not from the plan, so the card describes the bundle as its runtime's loader sees it.
 Front matter keys follow the Hub's model card metadata (huggingface_hub `ModelCardData`:
 library_name, pipeline_tag, base_model, tags), as mlx_lm.utils.create_model_card sets them.
 """
@@ -91,6 +91,25 @@ def _fmt_db(x: Any) -> str:
     return "exact" if math.isinf(x) and x > 0 else f"{x:.2f}"
 
 
+_ENCODER_TEXT = {
+    "minmax": "minmax (MLX's own min/max scales and biases, bit-exact with `mx.quantize`)",
+    "mse": "mse (scales and biases fitted to minimise each group's squared error; plain MLX affine, same size)",
+}
+
+
+def encoder_summary(config: Mapping[str, Any]) -> str | None:
+    """Which affine encoder wrote the bundle, from config.json's `fmtconv` record (None: no record, no affine module)."""
+    prov = config.get("fmtconv") if isinstance(config.get("fmtconv"), Mapping) else None
+    if not prov or "encoder" not in prov:
+        return None
+    used = prov.get("encoders") or {}
+    names = sorted(set(used.values())) or [prov["encoder"]]
+    if len(names) == 1:
+        return _ENCODER_TEXT.get(names[0], names[0])
+    return "; ".join(f"{_ENCODER_TEXT.get(n, n)}: " + ", ".join(f"`{p}`" for p, e in sorted(used.items()) if e == n)
+                     for n in names)
+
+
 def render_model_card(
     config: Mapping[str, Any],
     source: str | None,
@@ -138,6 +157,14 @@ def render_model_card(
     dtype = config.get("torch_dtype") or config.get("dtype")
     if dtype:
         out.append(f"| Compute dtype | {dtype} |")
+    runtime = _runtime_of(config)
+    check = (config.get("fmtconv") or {}).get("runtime_check") or {}
+    out.append(f"| Runtime | {runtime}" + (f" (`{check['model_module']}`)" if check.get("model_module") else "")
+               + (f"; fmtconv's check against {runtime} {check.get('version')}'s model class: {check['result']}" if check.get("result") else "")
+               + " |")
+    enc = encoder_summary(config)
+    if enc:
+        out.append(f"| Affine encoder | {enc} |")
     out.append("")
 
     out += ["## Modules", "",
@@ -182,12 +209,24 @@ def render_model_card(
                 out += [f"Below the SQNR threshold: {', '.join(f'`{n}`' for n in verify_summary['outliers'])}.", ""]
 
     target = repo_id or "path/to/this/folder"
-    out += ["## Use with mlx-lm", "", "```bash", "pip install mlx-lm", "```", "", "```python",
-            "from mlx_lm import load, generate", "", f'model, tokenizer = load("{target}")',
-            'messages = [{"role": "user", "content": "hello"}]',
-            "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
-            "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", ""]
+    if runtime == "mlx-vlm":
+        out += ["## Use with mlx-vlm", "", "```bash", "pip install mlx-vlm", "```", "", "```python",
+                "from mlx_vlm import generate, load", "", f'model, processor = load("{target}")',
+                'print(generate(model, processor, "hello", max_tokens=100).text)', "```", ""]
+    else:
+        out += ["## Use with mlx-lm", "", "```bash", "pip install mlx-lm", "```", "", "```python",
+                "from mlx_lm import load, generate", "", f'model, tokenizer = load("{target}")',
+                'messages = [{"role": "user", "content": "hello"}]',
+                "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
+                "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", ""]
     return "\n".join(out)
+
+
+def _runtime_of(config: Mapping[str, Any]) -> str:
+    """The runtime the bundle was written for (config.json's fmtconv block), else the model_type's owner."""
+    from fmtconv.convert.runtimes import owner_of
+
+    return (config.get("fmtconv") or {}).get("runtime") or owner_of(config.get("model_type")).name
 
 
 def write_model_card(

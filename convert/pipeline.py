@@ -36,7 +36,9 @@ from fmtconv.convert.plan import (
     Plan,
     PlannedTensor,
 )
+from fmtconv.convert.conformance import check_plan, enforce
 from fmtconv.errors import FmtconvError
+from fmtconv.formats.dense import cast_integers
 from fmtconv.formats.safetensors_io import (
     INDEX_NAME,
     Checkpoint,
@@ -118,6 +120,7 @@ class Converter:
         self._tensors_done = 0
         self._lock_fd: int | None = None
         self._codecs: dict[str, Any] = {}
+        self.conformance: list[Any] = []  # the runtime checks, after planning and before the rename
         self._done_bytes = 0
         self._done_lock = threading.Lock()
 
@@ -141,6 +144,41 @@ class Converter:
         like_mlx_lm = self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and exact.values.dtype == np.float64
         return exact.to(dtype, like_mlx_lm=like_mlx_lm)
 
+    def _affine_mse(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
+        """Affine with the error-minimising encoder: from MXFP4 codes by histogram (kernels_ref.mxfp4_mse) where that
+        route applies, else on the rows rounded to the compute dtype (kernels_ref.affine_mse)."""
+        from fmtconv.kernels_ref.affine_mse import affine_quantize_mse
+        from fmtconv.kernels_ref.mxfp4_mse import affine_quantize_mxfp4_mse
+
+        g = pt.target.sources[job.src]
+        dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
+        backend = self.plan.kernel_backend
+        out = None
+        if g.codec == "mxfp4" and pt.target.transform is None:
+            rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
+            packed = select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
+            out = affine_quantize_mxfp4_mse(packed, select_rows(np.asarray(rep["scales"]), pt), pt.group_size, pt.bits,
+                                            dtype=dtype, backend=backend)
+        if out is None:  # as _encode prepares rows for affine_quantize
+            v = self._values(pt, parts, job.src, (job.start, job.stop), dtype).reshape(-1, g.shape[-1])
+            if pt.target.transform is not None:
+                v = pt.target.transform(v.reshape(g.shape))
+                v = np.ascontiguousarray(v).reshape(-1, v.shape[-1])
+            out = affine_quantize_mse(select_rows(v, pt), pt.group_size, pt.bits, backend=backend)
+        module = pt.target.module
+        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
+
+    def encode_job(self, ck: Checkpoint, job: Job) -> dict[str, np.ndarray]:
+        """One job's output arrays in memory, nothing written (verify --compare-encoders, bench encoders)."""
+        g = job.tensor.target.sources[job.src]
+        parts = {role: ck.array(name) for role, name in g.parts.items()}
+        try:
+            return self._encode(job.tensor, parts, job)
+        finally:
+            del parts
+            for name in g.parts.values():
+                ck.release(name)
+
     def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
         """Output part arrays (by output tensor name) for one job's rows."""
         from fmtconv import kernels, kernels_ref
@@ -152,12 +190,17 @@ class Converter:
         if pt.route == PASSTHROUGH:
             raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
             return {pt.target.name: select_rows(raw, pt)}
+        if pt.mode == "dense" and pt.dtype not in COMPUTE_DTYPES:  # integers the runtime holds in another dtype
+            raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
+            return {pt.target.name: cast_integers(select_rows(raw, pt), np.dtype(pt.dtype), name=g.name)}
         if pt.route == REPACK:
             rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=rows)
             return {f"{module}.weight": select_rows(rep["weight"], pt), f"{module}.scales": select_rows(rep["scales"], pt)}
         if pt.route == EXACT_AFFINE:
             rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
             return {f"{module}.{r}": select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
+        if pt.route == REQUANT and pt.mode == "affine" and pt.encoder == "mse":
+            return self._affine_mse(pt, parts, job)
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
         if pt.route == REQUANT and pt.mode == "affine" and pt.target.transform is None:
             fast = None
@@ -306,6 +349,8 @@ class Converter:
     def run(self, *, overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         check_out_path(self.plan.source, self.out, overwrite)
+        # Before anything is created: the planned tensors against the runtime's own model class.
+        self.conformance = [enforce(check_plan(self.plan), where=self.out)]
         resuming = self.partial.exists()
         if not resuming:  # refuse before creating anything
             check_disk_space(_existing_parent(self.partial), self.plan.total_bytes)
@@ -358,18 +403,29 @@ class Converter:
         else:
             os.replace(self.partial, self.out)
         wall = time.perf_counter() - t0
-        return summary(self.plan, self.out, wall)
+        out = summary(self.plan, self.out, wall)
+        out["conformance"] = [c.to_json() for c in self.conformance]
+        out["warnings"] = out["warnings"] + list(dict.fromkeys(c.skipped for c in self.conformance if c.skipped))
+        return out
 
     def _finish(self, extra_files: Callable[[Path], None] | None) -> None:
         write_index(self.partial, self.plan.weight_map(), self.plan.total_bytes)
         copy_side_files(self.plan.source, self.partial, with_readme=extra_files is None)
         config = output_config(self.plan)
-        tmp = self.partial / "config.json.tmp"
-        tmp.write_text(json.dumps(config, indent=4) + "\n")
-        os.replace(tmp, self.partial / "config.json")
+        self._write_config(config)
+        # The written bundle, as the runtime's loader reads it; a difference stops here, before OUT exists.
+        check = enforce(check_plan(self.plan, self.partial), where=self.partial)
+        self.conformance.append(check)
+        config["fmtconv"]["runtime_check"] = check.record()
+        self._write_config(config)
         if extra_files is not None:
             extra_files(self.partial)
         (self.partial / MANIFEST).unlink(missing_ok=True)  # last: until now a re-run resumes with the finished shards
+
+    def _write_config(self, config: dict[str, Any]) -> None:
+        tmp = self.partial / "config.json.tmp"
+        tmp.write_text(json.dumps(config, indent=4) + "\n")
+        os.replace(tmp, self.partial / "config.json")
 
     def _load_manifest(self) -> dict[str, Any]:
         fingerprint = self.plan.fingerprint()
@@ -628,9 +684,12 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "source": str(plan.source),
         "recipe": plan.recipe.name,
         "layout": plan.layout.family,
+        "runtime": plan.runtime,
         "recipe_rules": plan.recipe.model_dump(mode="json")["rules"],
         "kernel_backend": plan.kernel_backend,
         "rounding": plan.rounding,
+        "encoder": plan.encoder,
+        "encoders": plan.encoder_patterns(),
     }
     return config
 

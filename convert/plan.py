@@ -18,16 +18,17 @@ import numpy as np
 from fmtconv import __version__
 from fmtconv.convert.bundle_check import module_pattern
 from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
-from fmtconv.convert.recipes import FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
+from fmtconv.convert.recipes import ENCODERS, FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
 from fmtconv.formats import rounding
-from fmtconv.formats.dtypes import dtype_name_for
+from fmtconv.formats.dense import PASSTHROUGH_DTYPES
+from fmtconv.formats.dtypes import dtype_name_for, stored_dtype
 from fmtconv.formats.safetensors_io import DEFAULT_SHARD_BYTES, Checkpoint, TensorSpec, assign_shards, shard_names
 
 COMPUTE_DTYPES = {d.name: d for d in rounding.COMPUTE_DTYPES}  # "bfloat16" / "float16" / "float32" -> dtype
 _ST_NAME = {name: dtype_name_for(d) for name, d in COMPUTE_DTYPES.items()}  # -> safetensors "BF16" / ...
 _FROM_ST_NAME = {st: name for name, st in _ST_NAME.items()}
-# Source codecs whose stored tensors are plain floats (a passthrough is a byte copy).
+# Source codecs whose stored tensors are plain floats or integers (a passthrough is a byte copy).
 _DENSE_CODEC = "dense"
 
 # Routes, cheapest first.
@@ -48,6 +49,7 @@ class PlannedTensor:
     shape: tuple[int, ...]  # logical shape of the output weight
     parts: list[TensorSpec] = field(default_factory=list)
     rule: str = ""
+    encoder: str | None = None  # affine re-quantization only: "minmax" | "mse"
 
     @property
     def nbytes(self) -> int:
@@ -77,6 +79,7 @@ class Plan:
     shards: list[list[TensorSpec]]
     source_files: dict[str, tuple[int, int]]  # file name -> (size, mtime_ns), to detect changes
     source_bytes: int
+    encoder: str = "minmax"  # the run's default affine encoder (a rule's `encoder` overrides it)
 
     @property
     def shard_files(self) -> list[str]:
@@ -94,6 +97,18 @@ class Plan:
     def bits_per_weight(self) -> float:
         """Bytes on disk x 8 / parameters, as mlx_lm's compute_bits_per_weight counts them."""
         return self.total_bytes * 8 / max(self.total_params, 1)
+
+    @property
+    def runtime(self) -> str:
+        """The runtime the bundle is written for (mlx-lm / mlx-vlm): its layout's."""
+        return self.layout.runtime
+
+    @property
+    def model_module(self) -> str:
+        """The runtime's model module that will load the bundle, e.g. mlx_vlm.models.deepseek_v4."""
+        from fmtconv.convert.runtimes import runtime_named
+
+        return runtime_named(self.runtime).model_module(self.config)
 
     def weight_map(self) -> dict[str, str]:
         names = self.shard_files
@@ -119,7 +134,13 @@ class Plan:
         h.update(json.dumps(sorted(self.source_files.items())).encode())
         for t in self.tensors:
             h.update(json.dumps([t.target.name, t.route, t.mode, t.bits, t.group_size, t.dtype, [(p.name, p.dtype, p.shape) for p in t.parts]]).encode())
+            if t.encoder == "mse":  # minmax plans keep the fingerprint they had before encoders existed
+                h.update(b"encoder=mse")
         return h.hexdigest()
+
+    def encoder_patterns(self) -> dict[str, str]:
+        """Module pattern -> affine encoder, for every re-quantized affine module (config.json and the model card)."""
+        return {module_pattern(t.target.module): t.encoder for t in self.tensors if t.encoder is not None}
 
     def table(self) -> list[dict[str, Any]]:
         """Per module pattern (layer index -> {i}): mode, bits, group size, route, count, bytes."""
@@ -136,6 +157,10 @@ class Plan:
             r["bytes"] += t.nbytes
         return list(rows.values())
 
+    def dropped_patterns(self) -> dict[str, int]:
+        """The dropped source tensors by name pattern (layer and expert indices -> {i}), with counts."""
+        return dict(Counter(module_pattern(n) for n in self.dropped))
+
     def bit_distribution(self) -> dict[str, int]:
         """Parameters per bit width ('16' for bfloat16 kept tensors, etc.)."""
         dist: dict[str, int] = defaultdict(int)
@@ -151,17 +176,21 @@ class Plan:
             "source": str(self.source),
             "recipe": self.recipe.name,
             "layout": self.layout.family,
+            "runtime": self.runtime,
+            "model_module": self.model_module,
             "compute_dtype": self.compute_dtype,
             "kernel_backend": self.kernel_backend,
             "rounding": self.rounding,
+            "encoder": self.encoder,
             "tensors": [
                 {"name": t.target.name, "module": t.target.module, "route": t.route, "mode": t.mode, "bits": t.bits,
                  "group_size": t.group_size, "dtype": t.dtype, "source_codec": t.source_codec, "shape": list(t.shape),
-                 "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule}
+                 "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule, "encoder": t.encoder}
                 for t in self.tensors
             ],
             "table": self.table(),
             "dropped": self.dropped,
+            "dropped_patterns": self.dropped_patterns(),
             "warnings": self.warnings,
             "shards": len(self.shards),
             "total_bytes": self.total_bytes,
@@ -216,8 +245,8 @@ def target_shape(t: TargetTensor) -> tuple[int, ...]:
     shape = list(src.shape)
     if t.rows is not None:
         shape[-2] = len(range(*slice(*t.rows).indices(shape[-2])))
-    if t.transform is not None:
-        probe = np.zeros(tuple(shape), dtype=np.float32)
+    if t.transform is not None:  # a zero-stride view: reshapes and transposes of it cost no memory at any size
+        probe = np.broadcast_to(np.zeros((), dtype=np.float32), tuple(shape))
         shape = list(t.transform(probe).shape)
     if len(t.sources) > 1:
         shape = [len(t.sources)] + shape
@@ -244,8 +273,10 @@ def build_plan(
     rounding: str = "mlx-lm",
     family: str | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    encoder: str = "minmax",
+    runtime: str | None = None,
 ) -> Plan:
-    """Plan a conversion without writing anything."""
+    """Plan a conversion without writing anything (`runtime`: default, the one that owns the model_type)."""
     from fmtconv.formats.grouping import find_groups
 
     src = Path(src)
@@ -253,11 +284,13 @@ def build_plan(
         raise FmtconvError(f"--kernel-backend {kernel_backend!r} is not one of metal, cuda, cpu")
     if rounding not in ("mlx-lm", "exact"):
         raise FmtconvError(f"--rounding {rounding!r} is not one of mlx-lm, exact")
+    if encoder not in ENCODERS:
+        raise FmtconvError(f"--encoder {encoder!r} is not one of {', '.join(ENCODERS)}")
     if not src.is_dir():
         raise FmtconvError("source must be a checkpoint directory", file=src)
     config = read_config(src)
     dtype = compute_dtype_of(config, compute_dtype)
-    layout = layout_for(config, family)
+    layout = layout_for(config, family, runtime)
     with Checkpoint(src) as ck:
         groups = find_groups(ck.tensors, config)
         source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
@@ -274,7 +307,7 @@ def build_plan(
     warnings: list[str] = []
     planned: list[PlannedTensor] = []
     for t in targets:
-        planned.append(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored))
+        planned.append(_with_encoder(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored), recipe, n_layers, encoder))
     for pattern in recipe.unused_rules(t.target.module for t in planned):
         warnings.append(f"recipe rule match {pattern!r} selects no module")
     kept = [p for p in planned if p.route != DROP]
@@ -286,7 +319,16 @@ def build_plan(
             raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
         seen.add(s.name)
     shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
-    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes)
+    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes,
+                encoder)
+
+
+def _with_encoder(pt: PlannedTensor, recipe: Recipe, n_layers: int, default: str) -> PlannedTensor:
+    """Affine re-quantizations get their rule's encoder, else the run's default."""
+    if pt.route == REQUANT and pt.mode == "affine":
+        rule = recipe.target_for(pt.target.module, pt.source_codec, quantizable=True, num_layers=n_layers)
+        pt.encoder = getattr(rule, "encoder", None) or default
+    return pt
 
 
 def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str], layout: ModelLayout,
@@ -298,13 +340,18 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
     shape = target_shape(t)
     module = t.module
     quantizable = t.quantizable and t.name.endswith(".weight")
-    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers)
+    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers, multimodal=layout.is_multimodal(t.name))
     rule_desc = "" if rule is None else f"{rule.mode} (match {rule.match!r}{', layers ' + rule.layers if rule.layers else ''})"
     if rule is not None and rule.mode == "drop":
         return PlannedTensor(t, DROP, "dense", None, None, dtype, codec, shape, [], rule_desc)
+    src_st = stored.get(next(iter(t.sources[0].parts.values()))) if codec == _DENSE_CODEC else None
+    if src_st in PASSTHROUGH_DTYPES:  # hash tables, ids: never decoded; held in the dtype the runtime's model has
+        out_st = layout.integer_dtype(t.name, src_st)
+        route = PASSTHROUGH if out_st == src_st and t.transform is None else CAST
+        return PlannedTensor(t, route, "dense", None, None, stored_dtype(out_st).numpy.name, codec, shape,
+                             [TensorSpec(t.name, out_st, shape)], "integer")
     if rule is None or rule.mode in ("keep", "dense"):
         out = rule.dtype if rule is not None and rule.mode == "dense" else dtype
-        src_st = stored.get(next(iter(t.sources[0].parts.values()))) if codec == _DENSE_CODEC else None
         if (rule is None or rule.mode == "keep") and layout.keeps_source_dtype(t.name) and src_st in _ST_NAME.values():
             out = _FROM_ST_NAME[src_st]  # the runtime keeps it uncast (cast_predicate)
         route = PASSTHROUGH if (src_st == _ST_NAME[out] and t.transform is None) else CAST

@@ -27,6 +27,8 @@ else:  # Python 3.10
     import tomli as tomllib
 
 QUANT_MODES = ("affine", "mxfp4", "mxfp8", "nvfp4")
+# Affine encoders: MLX's own min/max rule (bit-exact with mx.quantize) or the error-minimising one (kernels_ref.affine_mse).
+ENCODERS = ("minmax", "mse")
 # Fixed (bits, group_size) of MLX's floating-point modes (mlx/ops.cpp, quantize: mode checks).
 FP_MODE_PARAMS = {"mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -74,6 +76,8 @@ class AffineRule(_Rule):
     group_size: Literal[32, 64, 128] = 64
     exact: bool = Field(False, description="only the lossless MXFP4 -> affine route; fail otherwise")
     on_indivisible: Literal["error", "keep"] = "error"
+    encoder: Literal["minmax", "mse"] | None = Field(None, description="scales/biases: MLX's min/max or error-minimising; "
+                                                     "default: the run's --encoder")
 
 
 class FpRule(_Rule):
@@ -115,11 +119,16 @@ class Recipe(BaseModel):
     description: str = ""
     rules: list[Rule]
 
-    def target_for(self, module: str, codec: str, *, quantizable: bool, num_layers: int) -> Rule | None:
-        """The first rule that applies to this tensor; None means keep it in the compute dtype."""
+    def target_for(self, module: str, codec: str, *, quantizable: bool, num_layers: int, multimodal: bool = False) -> Rule | None:
+        """The first rule that applies to this tensor; None means keep it in the compute dtype.
+
+        A vision tower or projector (`multimodal`) is quantized only by a rule whose `match` is explicit,
+        not by the catch-all default: runtimes' own converters keep them dense (mlx_vlm convert.py
+        skip_multimodal_module), and so does every preset.
+        """
         for rule in self.rules:
             is_quant = rule.mode in QUANT_MODES
-            if is_quant and not quantizable:
+            if is_quant and (not quantizable or (multimodal and rule.match == ".*")):
                 continue
             if rule.matches(module, codec, num_layers):
                 return rule
@@ -186,6 +195,8 @@ def _mixed(low: int, high: int) -> dict[str, Any]:
 
 # mlx_lm stacks routed experts into SwitchGLU modules: `switch_mlp` in most families, `mlp.experts` in gpt_oss.
 _EXPERTS = r"(?:switch_mlp|\.mlp\.experts)\."
+# Routed and shared experts (`shared_experts` in DeepSeek, `share_expert` in Step).
+_ALL_EXPERTS = r"(?:switch_mlp|\.mlp\.experts|shared_experts|share_expert)\."
 
 PRESETS: dict[str, dict[str, Any]] = {
     "q4q8": {
@@ -202,11 +213,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mixed_4_6": _mixed(4, 6),
     "dq4": {
         "name": "dq4",
-        "description": "experts 4-bit; expert down_proj 6-bit in the first 5 layers and 5-bit every 5th layer; all else 8-bit",
+        "description": "routed and shared experts 4-bit; their down_proj 6-bit in the first 5 layers and 5-bit every 5th layer; "
+                       "all else 8-bit (the published Step-3.7-Flash DQ4 table)",
         "rules": [
-            {"match": rf"{_EXPERTS}down_proj", "layers": "i < 5", "mode": "affine", "bits": 6, "on_indivisible": "keep"},
-            {"match": rf"{_EXPERTS}down_proj", "layers": "i % 5 == 0", "mode": "affine", "bits": 5, "on_indivisible": "keep"},
-            {"match": _EXPERTS, "mode": "affine", "bits": 4, "on_indivisible": "keep"},
+            {"match": rf"{_ALL_EXPERTS}down_proj", "layers": "i < 5", "mode": "affine", "bits": 6, "on_indivisible": "keep"},
+            {"match": rf"{_ALL_EXPERTS}down_proj", "layers": "i % 5 == 0", "mode": "affine", "bits": 5, "on_indivisible": "keep"},
+            {"match": _ALL_EXPERTS, "mode": "affine", "bits": 4, "on_indivisible": "keep"},
             {"mode": "affine", "bits": 8, "on_indivisible": "keep"},
         ],
     },

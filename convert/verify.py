@@ -52,6 +52,7 @@ class VerifyReport:
     modules: list[ModuleEntry]
     quality: list[TensorQuality] = field(default_factory=list)
     provenance: dict[str, Any] | None = None
+    encoders: list[dict[str, Any]] | None = None  # --compare-encoders: encoder_compare.compare_encoders rows
 
     @property
     def ok(self) -> bool:
@@ -87,6 +88,7 @@ class VerifyReport:
             "modules": pattern_table(self.modules),
             "summary": self.summary_json(),
             "tensors": [r.to_json() for r in self.quality],
+            **({"encoders": self.encoders} if self.encoders is not None else {}),
         }
 
     def to_text(self) -> str:
@@ -103,6 +105,11 @@ class VerifyReport:
                              f"{s['median_sqnr_db']:10.2f} {s['max_abs_error']:10.3g}")
             for r in self.outliers:
                 lines.append(f"  outlier: {r.name} {r.sqnr_db:.2f} dB < {r.threshold_db} dB ({r.kind})")
+        if self.encoders is not None:
+            from fmtconv.convert.encoder_compare import encoder_table_text
+
+            lines.append("  affine encoders re-run on the source (SQNR per module pattern, MLX CPU dequantize):")
+            lines += encoder_table_text(self.encoders)
         return "\n".join(lines)
 
 

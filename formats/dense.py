@@ -82,3 +82,17 @@ class DenseCodec(Codec):
         if dt is None or dt not in COMPUTE_DTYPES:
             raise FmtconvError(f"dense encode needs a target dtype of bfloat16, float16 or float32, got {dt}")
         return {"weight": round_to_dtype(values_of(values), dt)}
+
+
+def cast_integers(values: np.ndarray, dtype: np.dtype, *, name: str | None = None) -> np.ndarray:
+    """Integer (or bool) values in another integer dtype, exactly: refuses any value the target cannot hold."""
+    a = np.asarray(values)
+    dtype = np.dtype(dtype)
+    if a.dtype == dtype:
+        return a
+    if a.size and dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < info.min or hi > info.max:
+            raise FmtconvError(f"integer values {lo}..{hi} do not fit the runtime's {dtype} ({info.min}..{info.max})", tensor=name)
+    return a.astype(dtype)

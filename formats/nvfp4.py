@@ -3,7 +3,10 @@
 Layouts:
   - ModelOpt ("modelopt"): `X.weight` U8 (out, in/2), `X.weight_scale` F8_E4M3 (out, in/16),
     `X.weight_scale_2` F32 scalar = amax / (6 * 448); value = e2m1 * e4m3 * weight_scale_2
-    (MULTIPLY).  `X.input_scale` (activations) is claimed and ignored.
+    (MULTIPLY).  `X.input_scale` (activations) is claimed and ignored.  Stacked experts
+    (Step-3.7-Flash NVFP4: `moe.gate_proj.weight` U8 [E, out, in/2]) carry one global scale per
+    expert, `weight_scale_2` F32 [E] (../shared/releases/README.md): a global scale may have the
+    weight's leading dimensions, one value per leading index.
     Source: vLLM model_executor/layers/quantization/modelopt.py `ModelOptNvFp4LinearMethod`
     `process_weights_after_loading` (alpha = input_scale * weight_scale_2, the GEMM multiplies);
     mlx_lm/models/muse_spark.py `sanitize` (global_scale = weight_scale_2 * 6 * 448).
@@ -44,6 +47,11 @@ LAYOUTS = {
 }
 
 
+def _global_fits(gshape: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """One value, or the weight's leading dimensions (one per expert of a stacked tensor)."""
+    return int(np.prod(gshape)) == 1 or (0 < len(gshape) < len(shape) - 1 and tuple(gshape) == tuple(shape[: len(gshape)]))
+
+
 @register_codec
 class Nvfp4Codec(Codec):
     """NVFP4 from ModelOpt (multiply by weight_scale_2) and compressed-tensors (divide by weight_global_scale)."""
@@ -69,8 +77,9 @@ class Nvfp4Codec(Codec):
                 want = shape[:-1] + (shape[-1] // GROUP,)
                 if shape[-1] % GROUP or s.dtype != "F8_E4M3" or info_shape(s) != want:
                     raise FmtconvError(f"NVFP4 ({layout}) scale: expected F8_E4M3 {want} for weight {wshape}, got {s.dtype} {info_shape(s)}", tensor=sname)
-                if g.dtype != "F32" or int(np.prod(info_shape(g))) != 1:
-                    raise FmtconvError(f"NVFP4 ({layout}) global scale: expected one F32 value, got {g.dtype} {info_shape(g)}", tensor=gname)
+                if g.dtype != "F32" or not _global_fits(info_shape(g), shape):
+                    raise FmtconvError(f"NVFP4 ({layout}) global scale: expected one F32 value, or one per leading index of "
+                                       f"{shape}, got {g.dtype} {info_shape(g)}", tensor=gname)
                 parts = {"weight": name, "scale": sname, "global_scale": gname}
                 if base + isuf in tensors:
                     parts["input_scale"] = base + isuf
@@ -94,7 +103,7 @@ class Nvfp4Codec(Codec):
         packed = byte_rows(parts["weight"], total, k // 2, name=names["weight"], what=f"NVFP4 ({layout}) packed weight")[start:stop]
         sc = e4m3_decode(byte_rows(parts["scale"], total, k // GROUP, name=names["scale"], what=f"NVFP4 ({layout}) E4M3 scale")[start:stop])
         refuse_nonfinite(sc, name=names["scale"], what="NVFP4 E4M3 scale (0x7F/0xFF are NaN)")
-        gs = self._global(parts["global_scale"], layout, names["global_scale"])
+        gs = self._global(parts["global_scale"], layout, names["global_scale"], total)[start:stop, None, None]
         n = packed.shape[0]
         elems = E2M1_VALUES[unpack_fp4(packed)].reshape(n, -1, GROUP).astype(np.float64)
         block = sc.astype(np.float64)[..., None]
@@ -102,14 +111,15 @@ class Nvfp4Codec(Codec):
         return Exact(values.reshape(n, k), np.dtype(compute_dtype), self.name, dict(group.params))
 
     @staticmethod
-    def _global(arr: np.ndarray, layout: str, name: str | None) -> float:
-        g = np.asarray(arr)
-        if g.size != 1:
-            raise FmtconvError(f"NVFP4 ({layout}) global scale: expected one value, got shape {g.shape}", tensor=name)
-        gv = float(g.reshape(-1)[0])
-        if not np.isfinite(gv) or gv == 0:
-            raise FmtconvError(f"NVFP4 ({layout}) global scale: expected a finite nonzero value, got {gv}", tensor=name)
-        return gv
+    def _global(arr: np.ndarray, layout: str, name: str | None, rows: int) -> np.ndarray:
+        """The global scale of every flattened row (float64): one value, or one per leading index."""
+        g = np.asarray(arr, dtype=np.float64).reshape(-1)
+        if g.size == 0 or rows % g.size:
+            raise FmtconvError(f"NVFP4 ({layout}) global scale: {g.size} value(s) do not divide {rows} rows", tensor=name)
+        if not (np.isfinite(g).all() and (g != 0).all()):
+            raise FmtconvError(f"NVFP4 ({layout}) global scale: expected finite nonzero values, got {g[~np.isfinite(g) | (g == 0)][:4]}",
+                               tensor=name)
+        return np.repeat(g, rows // g.size)
 
     def encode(
         self,

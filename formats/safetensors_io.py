@@ -337,6 +337,18 @@ def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | Non
     return struct.pack("<Q", len(body)) + body
 
 
+def write_header_only(path: str | os.PathLike, specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> Path:
+    """A safetensors file whose header is real and whose data area is a hole (a sparse file: no data
+    written, no disk used where the filesystem supports holes).  For checks that read only headers."""
+    specs = list(specs)
+    head = encode_header(specs, metadata)
+    path = Path(path)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(len(head) + sum(s.nbytes for s in specs))
+    return path
+
+
 class SafetensorsWriter:
     """Streams tensors into one file: header first (from specs), data in order, rename when complete.
 

@@ -141,14 +141,21 @@ def _quantize_chunk(x: np.ndarray, bits: int, backend: str, name: str | None):
     if metal:
         np.maximum(w_max, 0, out=w_max)  # GPU: w_max starts at 0
     scale, bias = _params(w_min, w_max, bits, half_away=metal)
-    y = np.subtract(x, bias[:, None])
-    np.divide(y, scale[:, None], out=y)
-    if metal:
+    y = quantize_step(x, scale[:, None], bias[:, None], bits, metal)
+    return y.astype(np.uint8), scale, bias
+
+
+def quantize_step(x: np.ndarray, scale: np.ndarray, bias: np.ndarray, bits: int, half_away: bool,
+                  out: np.ndarray | None = None) -> np.ndarray:
+    """Step 5 on float32 x: clamp(round((x - bias) / scale), 0, n_bins) as float32 (into `out`, which may be x),
+    with Metal's (half_away) or the CPU's rounding."""
+    y = np.subtract(x, bias, out=out)
+    np.divide(y, scale, out=y)
+    if half_away:
         _round_half_away(y)
     else:
         np.rint(y, out=y)
-    np.clip(y, 0, (1 << bits) - 1, out=y)
-    return y.astype(np.uint8), scale, bias
+    return np.clip(y, 0, (1 << bits) - 1, out=y)
 
 
 def affine_quantize(w: np.ndarray, group_size: int = 64, bits: int = 4, *, backend: str = "metal", name: str | None = None):
@@ -196,15 +203,37 @@ def affine_dequantize(wq: np.ndarray, scales: np.ndarray, biases: np.ndarray, gr
             f"wq {wq.dtype}{wq.shape} does not fit scales {scales.shape} with group_size={group_size}, bits={bits}", tensor=name
         )
     codes = unpack_codes(wq, bits).reshape(scales.shape + (group_size,)).astype(np.float32)
-    s = to_float32(scales)[..., None]
-    b = to_float32(biases)[..., None]
-    if backend == "cpu":
+    out = dequantize_values(codes, to_float32(scales)[..., None], to_float32(biases)[..., None], dtype, backend)
+    return out.reshape(scales.shape[:-1] + (scales.shape[-1] * group_size,))
+
+
+def dequantize_values(codes: np.ndarray, s: np.ndarray, b: np.ndarray, dtype: np.dtype, backend: str) -> np.ndarray:
+    """code * scale + bias in `dtype` with `backend`'s arithmetic (see affine_dequantize), broadcasting.
+
+    codes, s, b: float32 (codes < 256, s and b holding dtype values); returns an array of `dtype`.
+    """
+    if BACKENDS[backend] == "cpu":
         # Each float32 op then cast equals the correctly rounded op in T (24 >= 2*11 + 2 bits).
         prod = (codes * s).astype(dtype)
-        out = (to_float32(prod) + b).astype(dtype)
-    else:
-        out = _round_once(codes.astype(np.float64) * s.astype(np.float64), b.astype(np.float64), dtype)
-    return out.reshape(scales.shape[:-1] + (scales.shape[-1] * group_size,))
+        return (to_float32(prod) + b).astype(dtype)
+    if dtype != np.float32:
+        return _round_once_f32(codes * s, b, dtype)
+    return _round_once(codes.astype(np.float64) * s.astype(np.float64), b.astype(np.float64), dtype)
+
+
+def _round_once_f32(p: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """`_round_once` for a 16-bit dtype in float32: p = code * scale is exact in float32 (8 + 11 bits); TwoSum gives
+    p + b and its error, which rounds the sum to odd at 24 bits (a sticky last bit), so one rounding to dtype
+    (<= 11 bits) then sees the true side of every tie."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = p + b
+        bb = s - p
+        err = (p - (s - bb)) + (b - bb)
+    even = (s.view(np.uint32) & np.uint32(1)) == 0
+    fix = (err != 0) & even & np.isfinite(s)
+    if fix.any():
+        s = np.where(fix, np.nextafter(s, np.where(err > 0, np.float32(np.inf), np.float32(-np.inf))), s)
+    return s.astype(dtype)
 
 
 def _round_once(p: np.ndarray, b: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -25,7 +25,7 @@ import functools
 
 import numpy as np
 
-from .affine import _check_dtype, _check_params, _params, _round_half_away, to_float32
+from .affine import _check_dtype, _check_params, _params, quantize_step, to_float32
 from .packing import pack_codes
 from .tables import E2M1_VALUES, e4m3_decode, e8m0_decode
 
@@ -86,6 +86,74 @@ def _group_fold(op: np.ufunc, v: np.ndarray, per: int) -> np.ndarray:
     return out
 
 
+class BlockScratch:
+    """Work arrays reused by every step of a table route: fresh large temporaries cost page faults each time."""
+
+    def __init__(self, m: int):
+        self.nib = np.empty((m, 16), dtype=np.uint8)
+        self.bits16, self.tmp16 = np.empty((m, 16), dtype=np.uint16), np.empty((m, 16), dtype=np.uint16)
+        self.y = np.empty((m, 16), dtype=np.float32)
+        self.idx = np.empty((m, 16), dtype=np.intp)
+        self.lo, self.hi = np.empty((m, 16), dtype=np.uint8), np.empty((m, 16), dtype=np.uint8)
+        self.base = (np.arange(m, dtype=np.intp) * 16)[:, None]
+
+
+def minmax_block_codes(blk: np.ndarray, s_blk: np.ndarray, per: int, bits: int, dtype: np.dtype, backend: str,
+                       scratch: BlockScratch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Steps 2-4 of the module docstring for r blocks (r a multiple of per): the float32 scale and bias of each
+    group (affine.py's `_params` on the exact extremes) and (r, 16) uint8, the code of each block's 16 table values."""
+    table, _ = _value_table(np.dtype(dtype).name)
+    hi_code, lo_code = _extreme_codes()
+    metal = backend == "metal"
+    r = blk.shape[0]
+    sc = s_blk.astype(np.intp) * 16
+    present = _code_sets(blk, scratch.nib[:r], scratch.bits16[:r], scratch.tmp16[:r])
+    flat_table = table.reshape(-1)
+    w_max = _group_fold(np.maximum, np.take(flat_table, sc + np.take(hi_code, present)), per)
+    w_min = _group_fold(np.minimum, np.take(flat_table, sc + np.take(lo_code, present)), per)
+    if metal:
+        np.maximum(w_max, 0, out=w_max)  # GPU: w_max starts at 0 (affine.py step 1)
+    g_scale, g_bias = _params(w_min, w_max, bits, half_away=metal)
+    # Step 5 on the 16 table values of each block, with its group's float32 scale and bias.
+    y = scratch.y[:r]
+    np.take(table, s_blk, axis=0, out=y)
+    quantize_step(y, np.repeat(g_scale, per)[:, None], np.repeat(g_bias, per)[:, None], bits, metal, out=y)
+    return g_scale, g_bias, y.astype(np.uint8)
+
+
+class CodePacker:
+    """Looks every input nibble up in its block's 16 codes and packs the codes as `pack_codes` does."""
+
+    def __init__(self, n_blocks: int, bits: int):
+        self.bits = bits
+        self.out_bytes = np.empty((n_blocks, MX_BLOCK // 2), dtype=np.uint8) if bits == 4 else None
+        self.codes = None if bits == 4 else np.empty((n_blocks, MX_BLOCK), dtype=np.uint8)
+
+    def put(self, b0: int, blk: np.ndarray, lut: np.ndarray, scratch: BlockScratch) -> None:
+        """Blocks [b0, b0 + r): packed input nibbles `blk` (r, 16) and their codes per E2M1 code `lut` (r, 16)."""
+        r = blk.shape[0]
+        flat = lut.reshape(-1)
+        ix, lo, hi, nib = scratch.idx[:r], scratch.lo[:r], scratch.hi[:r], scratch.nib[:r]
+        np.bitwise_and(blk, np.uint8(0x0F), out=nib)
+        np.add(scratch.base[:r], nib, out=ix)
+        np.take(flat, ix, out=lo)
+        np.right_shift(blk, np.uint8(4), out=nib)
+        np.add(scratch.base[:r], nib, out=ix)
+        if self.bits == 4:  # packing.pack_codes for 4 bits: element 2i in the low nibble of byte i
+            np.take(flat << np.uint8(4), ix, out=hi)
+            np.bitwise_or(lo, hi, out=self.out_bytes[b0 : b0 + r])
+        else:
+            np.take(flat, ix, out=hi)
+            c = self.codes[b0 : b0 + r]
+            c[:, 0::2] = lo
+            c[:, 1::2] = hi
+
+    def words(self, n: int, k: int) -> np.ndarray:
+        if self.bits == 4:
+            return self.out_bytes.reshape(n, k // 2).view("<u4").astype(np.uint32, copy=False)
+        return pack_codes(self.codes.reshape(n, k), self.bits)
+
+
 def affine_quantize_mxfp4(
     packed: np.ndarray,
     scale_codes: np.ndarray,
@@ -114,69 +182,21 @@ def affine_quantize_mxfp4(
     s_flat = s.reshape(-1)
     if not finite[s_flat].all():
         return None
-    hi_code, lo_code = _extreme_codes()
     per = group_size // MX_BLOCK
     n_blocks = s_flat.size
     blocks = p.reshape(n_blocks, MX_BLOCK // 2)
-    metal = backend == "metal"
-    n_bins = (1 << bits) - 1
     scales = np.empty(n_blocks // per, dtype=np.float32)
     biases = np.empty(n_blocks // per, dtype=np.float32)
-    out_bytes = np.empty((n_blocks, MX_BLOCK // 2), dtype=np.uint8) if bits == 4 else None
-    codes = None if bits == 4 else np.empty((n_blocks, MX_BLOCK), dtype=np.uint8)
     step = max(per, _ROWS_PER_STEP // per * per)
-    flat_table = table.reshape(-1)
-    m = min(step, n_blocks)
-    # Scratch reused by every step: fresh large temporaries cost page faults on each allocation.
-    nib = np.empty((m, 16), dtype=np.uint8)
-    bits16, tmp16 = np.empty((m, 16), dtype=np.uint16), np.empty((m, 16), dtype=np.uint16)
-    y_buf = np.empty((m, 16), dtype=np.float32)
-    idx = np.empty((m, 16), dtype=np.intp)
-    lo_buf, hi_buf = np.empty((m, 16), dtype=np.uint8), np.empty((m, 16), dtype=np.uint8)
-    base_all = (np.arange(m, dtype=np.intp) * 16)[:, None]
+    scratch = BlockScratch(min(step, n_blocks))
+    packer = CodePacker(n_blocks, bits)
     for b0 in range(0, n_blocks, step):
         b1 = min(n_blocks, b0 + step)
-        r = b1 - b0
-        blk = blocks[b0:b1]
-        s_blk = s_flat[b0:b1]
-        sc = s_blk.astype(np.intp) * 16
-        present = _code_sets(blk, nib[:r], bits16[:r], tmp16[:r])
-        w_max = _group_fold(np.maximum, np.take(flat_table, sc + np.take(hi_code, present)), per)
-        w_min = _group_fold(np.minimum, np.take(flat_table, sc + np.take(lo_code, present)), per)
-        if metal:
-            np.maximum(w_max, 0, out=w_max)  # GPU: w_max starts at 0 (affine.py step 1)
-        g_scale, g_bias = _params(w_min, w_max, bits, half_away=metal)
-        g0, g1 = b0 // per, b1 // per
-        scales[g0:g1], biases[g0:g1] = g_scale, g_bias
-        # Step 5 on the 16 table values of each block, with its group's float32 scale and bias.
-        y = y_buf[:r]
-        np.take(table, s_blk, axis=0, out=y)
-        np.subtract(y, np.repeat(g_bias, per)[:, None], out=y)
-        np.divide(y, np.repeat(g_scale, per)[:, None], out=y)
-        if metal:
-            _round_half_away(y)
-        else:
-            np.rint(y, out=y)
-        np.clip(y, 0, n_bins, out=y)
-        lut = y.astype(np.uint8).reshape(-1)
-        ix, lo, hi = idx[:r], lo_buf[:r], hi_buf[:r]
-        np.bitwise_and(blk, np.uint8(0x0F), out=nib[:r])
-        np.add(base_all[:r], nib[:r], out=ix)
-        np.take(lut, ix, out=lo)
-        np.right_shift(blk, np.uint8(4), out=nib[:r])
-        np.add(base_all[:r], nib[:r], out=ix)
-        if bits == 4:  # packing.pack_codes for 4 bits: element 2i in the low nibble of byte i
-            np.take(lut << np.uint8(4), ix, out=hi)
-            np.bitwise_or(lo, hi, out=out_bytes[b0:b1])
-        else:
-            np.take(lut, ix, out=hi)
-            c = codes[b0:b1]
-            c[:, 0::2] = lo
-            c[:, 1::2] = hi
-    if bits == 4:
-        wq = out_bytes.reshape(n, k // 2).view("<u4").astype(np.uint32, copy=False)
-    else:
-        wq = pack_codes(codes.reshape(n, k), bits)
+        blk, s_blk = blocks[b0:b1], s_flat[b0:b1]
+        g_scale, g_bias, lut = minmax_block_codes(blk, s_blk, per, bits, dtype, backend, scratch)
+        scales[b0 // per : b1 // per], biases[b0 // per : b1 // per] = g_scale, g_bias
+        packer.put(b0, blk, lut, scratch)
+    wq = packer.words(n, k)
     sshape = (n, k // group_size)
     return wq, scales.astype(dtype).reshape(sshape), biases.astype(dtype).reshape(sshape)
 

@@ -128,7 +128,7 @@ def test_v4_bundle_equals_mlx_quantize_of_decoded_reference(bundles):
     as_stored = {"BF16": mx.bfloat16, "F16": mx.float16}
     dense = dict(tree_flatten(ref.parameters()))
     pred = ref.cast_predicate
-    from fmtconv.convert.layouts.deepseek_v4 import mlx_name
+    from fmtconv.convert.layouts.deepseek_v41 import mlx_name
 
     stored_of = {mlx_name(k): dt for k, dt in stored.items()}  # (stacked experts are FP4: not listed)
     ref.load_weights(

@@ -18,7 +18,8 @@ import fixture_lib as fl  # noqa: E402
 
 from fmtconv.convert.layouts import layout_for  # noqa: E402
 from fmtconv.convert.layouts.deepseek_v3 import DeepseekV3Layout  # noqa: E402
-from fmtconv.convert.layouts.deepseek_v4 import DeepseekV4Layout, mlx_name  # noqa: E402
+from fmtconv.convert.layouts.deepseek_v4 import DeepseekV4Layout  # noqa: E402
+from fmtconv.convert.layouts.deepseek_v41 import DeepseekV41Layout, mlx_name  # noqa: E402
 from fmtconv.errors import FmtconvError  # noqa: E402
 from fmtconv.formats.base import SourceGroup  # noqa: E402
 from fmtconv.formats.grouping import find_groups  # noqa: E402
@@ -26,7 +27,7 @@ from fmtconv.formats.safetensors_io import Checkpoint  # noqa: E402
 
 V4 = ROOT / "fixtures" / "deepseek-v4-tiny"
 V3 = ROOT / "fixtures" / "deepseek-v3-fp8-tiny"
-FIXTURES = [pytest.param(V4, DeepseekV4Layout, id="v4"), pytest.param(V3, DeepseekV3Layout, id="v3")]
+FIXTURES = [pytest.param(V4, DeepseekV41Layout, id="v4"), pytest.param(V3, DeepseekV3Layout, id="v3")]
 
 
 def _config(d: Path) -> dict:
@@ -51,9 +52,12 @@ def test_layout_is_chosen_by_model_type(d, cls):
     assert type(layout_for(_config(d))) is cls
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v4", "deepseek_v41"])
-def test_v4_model_types(model_type):
-    assert isinstance(layout_for({"model_type": model_type}), DeepseekV4Layout)
+def test_v4_model_types_go_to_the_runtime_that_owns_them():
+    assert isinstance(layout_for({"model_type": "deepseek_v41"}), DeepseekV41Layout)
+    v4 = layout_for({"model_type": "deepseek_v4"})
+    assert isinstance(v4, DeepseekV4Layout) and v4.runtime == "mlx-vlm"
+    with pytest.raises(FmtconvError, match="no mlx-lm layout for model_type 'deepseek_v4'"):
+        layout_for({"model_type": "deepseek_v4"}, runtime="mlx-lm")
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v3", "kimi_k2", "joyai_llm_flash"])
@@ -146,22 +150,22 @@ def _g(name: str, shape=(4, 64)) -> SourceGroup:
 
 
 def test_v4_missing_expert_is_an_error():
-    config = {"model_type": "deepseek_v4", "n_routed_experts": 3, "o_groups": 1}
+    config = {"model_type": "deepseek_v41", "n_routed_experts": 3, "o_groups": 1}
     groups = [_g(f"layers.0.ffn.experts.{e}.w1.weight") for e in (0, 2)]
     with pytest.raises(FmtconvError, match="missing \\[1\\]"):
-        DeepseekV4Layout().targets(groups, config)
+        DeepseekV41Layout().targets(groups, config)
 
 
 def test_v4_converted_names_pass_through():
     groups = [_g("model.layers.0.mlp.experts.switch_mlp.gate_proj.weight", (2, 4, 64)), _g("model.norm.weight", (64,))]
-    targets, dropped = DeepseekV4Layout().targets(groups, {"model_type": "deepseek_v4"})
+    targets, dropped = DeepseekV41Layout().targets(groups, {"model_type": "deepseek_v41"})
     assert [t.name for t in targets] == [g.name for g in groups] and not dropped
     assert [t.quantizable for t in targets] == [True, False]
 
 
 def test_v4_output_config_keeps_model_type_drops_expert_dtype():
-    cfg = DeepseekV4Layout().output_config({"model_type": "deepseek_v4", "expert_dtype": "fp4", "hidden_size": 8})
-    assert cfg == {"model_type": "deepseek_v4", "hidden_size": 8}
+    cfg = DeepseekV41Layout().output_config({"model_type": "deepseek_v41", "expert_dtype": "fp4", "hidden_size": 8})
+    assert cfg == {"model_type": "deepseek_v41", "hidden_size": 8}
 
 
 def test_v3_drops_mtp_layer_and_rotary_freqs():

@@ -49,8 +49,8 @@ def test_regular_wheel_holds_only_fmtconv(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert top == {"fmtconv", next(t for t in top if t.endswith(".dist-info"))}
-    for mod in ("fmtconv/convert/cli.py", "fmtconv/convert/layouts/deepseek_v4.py", "fmtconv/formats/mxfp4.py",
-                "fmtconv/kernels_ref/affine.py", "fmtconv/kernels/mxfp4.py", "fmtconv/errors.py"):
+    for mod in ("fmtconv/convert/cli.py", "fmtconv/convert/layouts/deepseek_v4.py", "fmtconv/convert/releases/deepseek_v4.py",
+                "fmtconv/formats/mxfp4.py", "fmtconv/kernels_ref/affine.py", "fmtconv/kernels/mxfp4.py", "fmtconv/errors.py"):
         assert mod in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fmtconv = fmtconv.convert.cli:main" in entry
@@ -74,7 +74,7 @@ def _normal(name: str) -> str:
 def test_minimum_versions_file_equals_the_pyproject_pins() -> None:
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     declared = {}
-    for reqs in (meta["dependencies"], meta["optional-dependencies"]["test"]):
+    for reqs in (meta["dependencies"], *meta["optional-dependencies"].values()):
         for name, (version, marker) in _lower_bounds(reqs).items():
             # mlx is declared per platform (mlx / mlx[cpu]) with one minimum: one pin serves both.
             declared[name] = (version, "" if name == "mlx" else marker)

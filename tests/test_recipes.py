@@ -71,7 +71,8 @@ def test_source_condition_and_layer_expressions() -> None:
     assert t("model.layers.10.mlp.switch_mlp.gate_proj") == 4
     assert t("model.layers.3.mlp.switch_mlp.up_proj") == 4
     assert t("model.layers.10.mlp.experts.down_proj") == 5  # gpt_oss names its SwitchGLU `experts`
-    assert t("model.layers.10.mlp.shared_experts.down_proj") == 8
+    assert t("model.layers.10.mlp.shared_experts.down_proj") == 5  # shared experts count as experts (published DQ4 table)
+    assert t("model.layers.11.mlp.share_expert.up_proj") == 4
     lossless = load_recipe("lossless-affine")
     assert lossless.target_for("model.layers.0.mlp.switch_mlp.up_proj", "mxfp4", quantizable=True, num_layers=2).exact
     assert not lossless.target_for("model.layers.0.self_attn.q_proj", "fp8_block", quantizable=True, num_layers=2).exact

@@ -1,4 +1,4 @@
-"""Model layouts: per family, checkpoint names -> the module paths mlx_lm uses after sanitize()."""
+"""Model layouts: per release family and runtime, checkpoint names -> the runtime model's post-sanitize module paths."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ from typing import Any
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor
 from fmtconv.convert.layouts.generic import GenericLayout
+from fmtconv.convert.layouts.mlx_vlm_wrapped import MlxVlmWrapped
+from fmtconv.convert.runtimes import owner_of, runtime_named
+from fmtconv.errors import FmtconvError
 
-# One module per family; each defines one ModelLayout subclass with its model_types.
-_FAMILY_MODULES = ("deepseek_v4", "deepseek_v3", "gpt_oss", "step3p5", "glm4_moe_lite", "qwen3_moe")
+# One module per family and runtime; each defines one ModelLayout subclass with its model_types.
+_FAMILY_MODULES = ("deepseek_v4", "deepseek_v41", "deepseek_v3", "gpt_oss", "step3p7", "step3p5", "glm4_moe_lite", "qwen3_moe")
 
 
 def all_layouts() -> list[type[ModelLayout]]:
@@ -29,21 +32,36 @@ def all_layouts() -> list[type[ModelLayout]]:
     return found + [GenericLayout]
 
 
-def layout_for(config: dict[str, Any], family: str | None = None) -> ModelLayout:
-    """The layout for a config's model_type (or an explicit family name); generic when none claims it."""
+def layout_for(config: dict[str, Any], family: str | None = None, runtime: str | None = None) -> ModelLayout:
+    """The layout for a config's model_type (or an explicit family), written for `runtime`.
+
+    The runtime defaults to the one that owns the model_type (fmtconv.convert.runtimes.owner_of), or the
+    family's own.  An mlx-lm layout serves mlx-vlm through mlx-vlm's `language_model.` wrapper.
+    """
     model_type = config.get("model_type")
-    for cls in all_layouts():
-        if family is not None:
-            if cls.family == family:
-                return cls()
-        elif model_type in cls.model_types:
-            return cls()
-    if family is not None and family != "generic":
-        names = ", ".join(c.family for c in all_layouts())
-        from fmtconv.errors import FmtconvError
+    if runtime is not None:
+        runtime_named(runtime)
+    if family is not None:
+        candidates = [c for c in all_layouts() if c.family == family]
+        if not candidates:
+            names = ", ".join(c.family for c in all_layouts())
+            raise FmtconvError(f"unknown layout family {family!r} (known: {names})")
+    else:
+        candidates = [c for c in all_layouts() if model_type in c.model_types]
+        if not candidates:
+            return _for_runtime(GenericLayout, runtime or owner_of(model_type).name, model_type)
+    want = runtime or (candidates[0].runtime if family is not None else owner_of(model_type).name)
+    same = [c for c in candidates if c.runtime == want]
+    return same[0]() if same else _for_runtime(candidates[0], want, model_type)
 
-        raise FmtconvError(f"unknown layout family {family!r} (known: {names})")
-    return GenericLayout()
+
+def _for_runtime(cls: type[ModelLayout], runtime: str, model_type: Any) -> ModelLayout:
+    if cls.runtime == runtime:
+        return cls()
+    if cls.runtime == "mlx-lm" and runtime == "mlx-vlm" and cls.mlx_vlm_wraps:
+        return MlxVlmWrapped(cls())
+    raise FmtconvError(f"fmtconv has no {runtime} layout for model_type {model_type!r}: its {cls.family} layout is "
+                       f"written for {cls.runtime}'s module tree, which {runtime}'s model does not share")
 
 
-__all__ = ["ModelLayout", "TargetTensor", "GenericLayout", "all_layouts", "layout_for"]
+__all__ = ["ModelLayout", "TargetTensor", "GenericLayout", "MlxVlmWrapped", "all_layouts", "layout_for"]

@@ -1,4 +1,8 @@
-"""What a model layout is: the mapping from a checkpoint's logical weights to the tensors mlx_lm sees."""
+"""What a model layout is: the mapping from a release's logical weights to the tensors one runtime's model holds.
+
+A layout is written for one runtime (`mlx-lm` or `mlx-vlm`, fmtconv.convert.runtimes) and mirrors its
+model module's post-sanitize module tree; the release's own naming facts live in fmtconv.convert.releases.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from fmtconv.formats.base import SourceGroup
 
 @dataclass(frozen=True)
 class TargetTensor:
-    """One tensor of the output bundle, named as mlx_lm's model looks it up after sanitize()."""
+    """One tensor of the output bundle, named as the runtime's model looks it up after sanitize()."""
 
     name: str  # e.g. "model.layers.0.mlp.switch_mlp.gate_proj.weight"
     sources: tuple[SourceGroup, ...]  # more than one: stacked along a new leading axis, in order
@@ -36,12 +40,29 @@ class ModelLayout:
 
     family: ClassVar[str] = "generic"
     model_types: ClassVar[tuple[str, ...]] = ()
+    # The runtime whose model module this layout mirrors (its name in fmtconv.convert.runtimes.RUNTIMES).
+    runtime: ClassVar[str] = "mlx-lm"
     # Substrings of tensor names the runtime keeps in their stored dtype instead of casting to the
-    # model dtype (mirrors the family's mlx_lm `Model.cast_predicate`).
+    # model dtype (mirrors the model's `cast_predicate`).
     uncast: ClassVar[tuple[str, ...]] = ()
+    # Integer tensors the runtime's model holds in another dtype: name substring -> safetensors dtype.
+    integer_dtypes: ClassVar[dict[str, str]] = {}
+    # mlx-lm layouts: whether mlx-vlm's model of the same model_type is mlx-lm's tree under `language_model.`
+    # (fmtconv.convert.layouts.mlx_vlm_wrapped), so `--runtime mlx-vlm` can reuse this layout.
+    mlx_vlm_wraps: ClassVar[bool] = True
+    # Module-path prefixes of vision towers and projectors: a runtime's own converter keeps them dense,
+    # and so do fmtconv's recipes unless a rule names them explicitly.
+    multimodal_prefixes: ClassVar[tuple[str, ...]] = ()
 
     def keeps_source_dtype(self, name: str) -> bool:
         return any(s in name for s in self.uncast)
+
+    def integer_dtype(self, name: str, stored: str) -> str:
+        """The safetensors dtype the runtime's model holds an integer tensor in (default: as stored)."""
+        return next((dt for s, dt in self.integer_dtypes.items() if s in name), stored)
+
+    def is_multimodal(self, name: str) -> bool:
+        return name.startswith(self.multimodal_prefixes) if self.multimodal_prefixes else False
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
         """The output tensors, and the checkpoint names of weights deliberately dropped (e.g. MTP layers)."""

@@ -1,10 +1,14 @@
-"""DeepSeek-V4 layout: DeepSeek's published names -> the names mlx_lm's deepseek_v41 model uses after sanitize().
+"""DeepSeek-V4 for mlx-vlm: DeepSeek's published names -> the module tree of mlx_vlm's deepseek_v4 model.
 
-Mirrors mlx_lm 0.32.2 `mlx_lm/models/deepseek_v41.py` (`_rename`, `_DROP_PREFIXES`, `_EXPERT_KEY`,
-`Model.sanitize`): `embed`/`head`/`attn`/`ffn` renamed, routed experts stacked into
-`mlp.experts.switch_mlp.{gate,down,up}_proj` in expert order, `wo_a` split into its `o_groups`
-blocks, `mtp.`/`vision.`/`aligner.`/`image_` and engram weights dropped. A checkpoint whose names
-already start with `model.` is taken as converted and kept as it is, as sanitize() does.
+Mirrors mlx-vlm 0.7.10 `mlx_vlm/models/deepseek_v4` (`language.py` `LanguageModel.sanitize`,
+`deepseek_v4.py` `Model.sanitize`): everything under `language_model.`; `embed`/`head`/`norm` ->
+`model.embed_tokens`/`lm_head`/`model.norm`; `hc_head_{fn,base,scale}` -> `model.hc_head.*`;
+`layers.N.` -> `model.layers.N.` with attention, compressor and indexer names kept (`attn.wq_a`, ...),
+`hc_{attn,ffn}_P` -> `{attn,ffn}_hc.P`, `ffn.gate.bias` -> `ffn.gate.e_score_correction_bias`,
+shared experts `w1/w2/w3` -> `gate/down/up_proj`, routed experts stacked into
+`ffn.switch_mlp.{gate,down,up}_proj` in expert order, `attn.wo_a` reshaped to the 3-D
+[o_groups, o_lora_rank, in] of its MultiLinear, `tid2eid` held as int32, and MTP layers and layers
+beyond num_hidden_layers dropped.
 """
 
 from __future__ import annotations
@@ -13,127 +17,75 @@ import functools
 import re
 from typing import Any
 
-import numpy as np
-
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
+from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, HC_PARAMS, is_mtp, split_o_groups, without_fp4_experts
 from fmtconv.formats.base import SourceGroup
 
-_DROP_PREFIXES = ("vision.", "aligner.", "image_", "mtp.")
-_EXPERT_KEY = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
-_EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
-
-# Substring replacements, in deepseek_v41._rename's order.
+_TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight", "norm.weight": "model.norm.weight",
+        **{f"hc_head_{p}": f"model.hc_head.{p}" for p in HC_PARAMS}}
+_LAYER = re.compile(r"layers\.(\d+)\.")
 _RENAMES = (
-    (".attn.", ".self_attn."),
-    (".ffn.", ".mlp."),
-    (".attn_norm.", ".input_layernorm."),
-    (".ffn_norm.", ".post_attention_layernorm."),
-    (".hc_attn_", ".attn_hc."),
-    (".hc_ffn_", ".ffn_hc."),
-    (".attn_sink", ".sinks"),
-    (".wq_a.", ".q_a_proj."),
-    (".wq_b.", ".q_b_proj."),
-    (".wkv.", ".kv_proj."),
-    (".wgate.", ".gate_proj."),
-    (".wo_a.", ".o_a_proj."),
-    (".wo_b.", ".o_b_proj."),
-    (".q_norm.", ".q_a_norm."),
-    (".compressor.norm.", ".compressor.kv_norm."),
-    (".indexer.wk.", ".indexer.k_proj."),
-    (".gate.bias", ".gate.e_score_correction_bias"),
-    (".shared_experts.w1.", ".shared_experts.gate_proj."),
-    (".shared_experts.w2.", ".shared_experts.down_proj."),
-    (".shared_experts.w3.", ".shared_experts.up_proj."),
+    *((f".hc_{sub}_{p}", f".{sub}_hc.{p}") for sub in ("attn", "ffn") for p in HC_PARAMS),
+    (".ffn.gate.bias", ".ffn.gate.e_score_correction_bias"),
+    *((f".shared_experts.{w}.", f".shared_experts.{proj}.") for w, proj in EXPERT_PROJ.items()),
 )
-
-# Modules of deepseek_v41 that have `to_quantized` (nn.Linear, nn.Embedding, SwitchLinear), by leaf name.
-# Not: the router `mlp.gate` (a plain Module), norms, hyper-connections, sinks.
+# Modules of the mlx-vlm model with `to_quantized` (nn.Linear, MultiLinear, SwitchLinear, nn.Embedding), by leaf.
+# Not: the router `ffn.gate` (MoEGate, a plain Module), norms, hyper-connections, `ape`, sinks.
 _QUANTIZABLE_LEAVES = frozenset(
-    {
-        "q_a_proj",
-        "q_b_proj",
-        "kv_proj",
-        "o_a_proj",
-        "o_b_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-        "weights_proj",
-        "k_proj",
-        "embed_tokens",
-        "lm_head",
-    }
+    {"wq_a", "wq_b", "wkv", "wo_a", "wo_b", "wgate", "weights_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens", "lm_head"}
 )
 
 
-def mlx_name(key: str) -> str:
-    """One published DeepSeek-V4 name -> its mlx_lm name (deepseek_v41._rename)."""
-    if key == "head.weight":
-        return "lm_head.weight"
-    if key == "embed.weight":
-        return "model.embed_tokens.weight"
-    key = f"model.{key}"
+def vlm_name(key: str) -> str:
+    """One published DeepSeek-V4 name -> its name in mlx_vlm's deepseek_v4 model."""
+    if key in _TOP:
+        return f"language_model.{_TOP[key]}"
+    key = f".{key}"
     for old, new in _RENAMES:
         key = key.replace(old, new)
-    return key
+    return f"language_model.model{key}"
 
 
 def is_quantizable(name: str) -> bool:
-    """Whether the runtime module holding this (post-sanitize) weight has `to_quantized`."""
     if not name.endswith(".weight"):
         return False
-    module = name[: -len(".weight")]
-    return module.rsplit(".", 1)[-1] in _QUANTIZABLE_LEAVES
-
-
-def split_groups(values: np.ndarray, groups: int) -> np.ndarray:
-    """wo_a [groups * rank, in] -> [groups, rank, in] (a reshape: rows keep their bytes)."""
-    return values.reshape(groups, -1, values.shape[-1])
-
-
-def _dropped(name: str) -> bool:
-    return name.startswith(_DROP_PREFIXES) or ".engram." in name or name.endswith(".gate.bias_vl")
+    return name[: -len(".weight")].rsplit(".", 1)[-1] in _QUANTIZABLE_LEAVES
 
 
 class DeepseekV4Layout(ModelLayout):
-    """DeepSeek-V4 / V4.1 published checkpoints for mlx_lm's deepseek_v41 model."""
+    """DeepSeek-V4-Flash as published, for mlx-vlm's deepseek_v4 model (the runtime that owns the model_type)."""
 
     family = "deepseek_v4"
-    model_types = ("deepseek_v4", "deepseek_v41", "deepseek_v41_text")
-    # deepseek_v41 Model.cast_predicate: the reference runtime keeps these in float32.
-    uncast = ("attn_hc.", "ffn_hc.", "sinks", "e_score_correction_bias", "compressor.")
+    model_types = ("deepseek_v4",)
+    runtime = "mlx-vlm"
+    # language.py LanguageModel.cast_predicate: kept in their stored dtype (float32 in the release).
+    uncast = ("attn_sink", "e_score_correction_bias", "bias_vl", ".attn_hc.", ".ffn_hc.", ".hc_head.")
+    # MoEGate holds the hash-routing table as int32 (sanitize casts the release's I64 to it).
+    integer_dtypes = {"tid2eid": "I32"}
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
-        if any(g.name.startswith("model.") for g in groups):
-            # sanitize() returns such a checkpoint untouched: names are already the runtime's.
-            return [TargetTensor(g.name, (g,), quantizable=is_quantizable(g.name)) for g in groups], []
-        text = config.get("text_config") or config
-        o_groups = int(text.get("o_groups", 1))
-        n_experts = text.get("n_routed_experts")
+        n_layers = int(config["num_hidden_layers"])
+        o_groups = int(config.get("o_groups", 1))
         out: list[TargetTensor] = []
         dropped: list[str] = []
         experts: dict[tuple[str, str], dict[int, SourceGroup]] = {}
         for g in groups:
-            if _dropped(g.name):
+            layer = _LAYER.match(g.name)
+            if is_mtp(g.name) or (layer and int(layer[1]) >= n_layers):
                 dropped.append(g.name)
                 continue
-            m = _EXPERT_KEY.fullmatch(g.name)
+            m = EXPERT_KEY.fullmatch(g.name)
             if m:
                 experts.setdefault((f"layers.{m[1]}.ffn", m[3]), {})[int(m[2])] = g
                 continue
-            name = mlx_name(g.name)
-            transform = None
-            if name.endswith(".o_a_proj.weight"):
-                transform = functools.partial(split_groups, groups=o_groups)
+            name = vlm_name(g.name)
+            transform = functools.partial(split_o_groups, groups=o_groups) if name.endswith(".attn.wo_a.weight") else None
             out.append(TargetTensor(name, (g,), transform=transform, quantizable=is_quantizable(name)))
         out += stacked_experts(
-            experts, n_experts,
-            lambda prefix, proj: f"model.{prefix.replace('.ffn', '.mlp')}.experts.switch_mlp.{_EXPERT_PROJ[proj]}.weight",
+            experts, config.get("n_routed_experts"),
+            lambda prefix, proj: f"language_model.model.{prefix}.switch_mlp.{EXPERT_PROJ[proj]}.weight",
         )
         return out, dropped
 
     def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
-        """model_type kept (a real bundle stays deepseek_v4); `expert_dtype` removed: experts are no longer FP4."""
-        out = dict(config)
-        out.pop("expert_dtype", None)
-        return out
+        return without_fp4_experts(config)

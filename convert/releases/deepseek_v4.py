@@ -1,0 +1,41 @@
+"""DeepSeek-V4 as published (DeepSeek-V4-Flash: 46 shards, names without a `model.` prefix).
+
+Source: ../shared/releases/README.md (the V4-Flash index and config.json), DeepSeek-V4
+inference/model.py and convert.py.  Per layer `layers.N.`: `attn.{wq_a,wq_b,wkv,wo_a,wo_b}`
+(FP8; `wo_a` flattened to 2-D [o_groups * o_lora_rank, in]), `attn.{q_norm,kv_norm}`,
+`attn.attn_sink`, ratio-4 and ratio-128 layers' `attn.compressor.{ape,wkv,wgate,norm}` and ratio-4
+layers' `attn.indexer.{wq_b,weights_proj,compressor.*}`; `ffn.gate.weight`, `ffn.gate.bias` (scored
+layers) or `ffn.gate.tid2eid` I64 (hash layers); routed experts one tensor each,
+`ffn.experts.E.{w1,w2,w3}` (MXFP4); `ffn.shared_experts.{w1,w2,w3}`; `attn_norm`, `ffn_norm`;
+hyper-connections `hc_{attn,ffn}_{fn,base,scale}`.  Top level: `embed`, `head`, `norm`,
+`hc_head_{fn,base,scale}`; `mtp.K.*` is the multi-token-prediction layer, which runtimes drop.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+
+EXPERT_KEY = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+# w1 = gate, w2 = down, w3 = up (inference/model.py Expert: w2(act(w1(x)) * w3(x))).
+EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
+MTP_PREFIX = "mtp."
+HC_PARAMS = ("fn", "base", "scale")
+
+
+def is_mtp(name: str) -> bool:
+    return name.startswith(MTP_PREFIX)
+
+
+def without_fp4_experts(config: dict[str, Any]) -> dict[str, Any]:
+    """The release's config once its experts are no longer FP4: `expert_dtype` ("fp4") removed, model_type kept."""
+    out = dict(config)
+    out.pop("expert_dtype", None)
+    return out
+
+
+def split_o_groups(values: np.ndarray, groups: int) -> np.ndarray:
+    """wo_a as stored, [groups * rank, in] -> [groups, rank, in] (a reshape: rows keep their bytes)."""
+    return values.reshape(groups, -1, values.shape[-1])
