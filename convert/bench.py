@@ -315,7 +315,7 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
     if unknown or not phases:
         from fmtconv.errors import FmtconvError
 
-        raise FmtconvError(f"unknown bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES_ALL)}")
+        raise FmtconvError(f"--phases: unknown or no bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES_ALL)}")
     root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
     reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),

@@ -123,3 +123,11 @@ def test_a_failing_phase_is_recorded_and_the_others_run(tmp_path: Path, monkeypa
     assert report["phases"]["v3_mlx_lm"]["error"].endswith("-9")
     assert report["v3_bytes_identical"] is None and "ratio_v3_fmtconv_over_mlx_lm" not in report
     assert next(t for t in report["targets"] if t["key"] == "ratio_v3_fmtconv_over_mlx_lm")["met"] is None
+
+
+def test_mse_phase_reports_its_cost_over_minmax(tmp_path: Path, capsys) -> None:
+    report = bench.run_bench(tmp_path, 0, True, False, phases=("fmtconv", "mse"), shape=dict(TINY, layers=2))
+    capsys.readouterr()
+    assert report["phases"]["mse"]["command"].endswith("--encoder mse")
+    assert report["phases"]["mse"]["bytes_out"] == report["output_bytes"]  # same format, same bytes on disk
+    assert report["ratio_mse_over_minmax"] > 0
