@@ -14,9 +14,8 @@ import ml_dtypes
 import numpy as np
 
 from fmtconv import kernels_ref
-from fmtconv.kernels_ref import packing, table_driven
-
 from fmtconv.errors import FmtconvError
+from fmtconv.kernels_ref import packing, table_driven
 
 from ._jit import numba_available
 

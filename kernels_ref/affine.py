@@ -61,6 +61,8 @@ Dequantize: code * scale + bias in the scales' dtype T.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import ml_dtypes
 import numpy as np
 
@@ -167,8 +169,18 @@ def affine_quantize(w: np.ndarray, group_size: int = 64, bits: int = 4, *, backe
     `name` only labels errors.
     """
     backend = _check_params(group_size, bits, backend)
+    return quantize_in_chunks(w, group_size, bits, "affine_quantize input", name,
+                              lambda x, dtype: _quantize_chunk(x, bits, backend, name))
+
+
+ChunkQuantizer = Callable[[np.ndarray, np.dtype], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def quantize_in_chunks(w: np.ndarray, group_size: int, bits: int, what: str, name: str | None, chunk: ChunkQuantizer):
+    """The group-wise driver shared by the encoders: w's groups as float32 in bounded chunks through
+    chunk(x (g, group_size), dtype) -> (codes uint8, scales, biases float32), packed -> (wq, scales, biases)."""
     w = np.asarray(w)
-    dtype = _check_dtype(w.dtype, "affine_quantize input")
+    dtype = _check_dtype(w.dtype, what)
     if w.ndim < 1 or w.shape[-1] == 0 or w.shape[-1] % group_size:
         raise FmtconvError(f"last dimension of shape {w.shape} must be a positive multiple of group_size={group_size}", tensor=name)
     lead, k = w.shape[:-1], w.shape[-1]
@@ -180,7 +192,7 @@ def affine_quantize(w: np.ndarray, group_size: int = 64, bits: int = 4, *, backe
     step = max(1, _CHUNK // group_size)
     for g0 in range(0, n_groups, step):
         g1 = min(n_groups, g0 + step)
-        codes[g0:g1], scales[g0:g1], biases[g0:g1] = _quantize_chunk(to_float32(flat[g0:g1]), bits, backend, name)
+        codes[g0:g1], scales[g0:g1], biases[g0:g1] = chunk(to_float32(flat[g0:g1]), dtype)
     wq = pack_codes(codes.reshape(-1, k), bits).reshape(lead + (k * bits // 32,))
     sshape = lead + (k // group_size,)
     return wq, scales.astype(dtype).reshape(sshape), biases.astype(dtype).reshape(sshape)

@@ -30,10 +30,7 @@ from __future__ import annotations
 import ml_dtypes
 import numpy as np
 
-from fmtconv.errors import FmtconvError
-
-from .affine import _CHUNK, _check_dtype, _check_params, _quantize_chunk, dequantize_values, to_float32
-from .packing import pack_codes
+from .affine import _check_params, _quantize_chunk, dequantize_values, quantize_in_chunks, to_float32
 
 # bits -> (range widths, offsets as fractions of the slack 1 - width, Lloyd steps).  Fewer bits clip
 # more (the best width falls from ~0.96 of the range at 4 bits to ~0.87 at 3); at 8 bits a single
@@ -224,20 +221,5 @@ def affine_quantize_mse(w: np.ndarray, group_size: int = 64, bits: int = 4, *, b
     result is never worse than `affine_quantize`'s, and equal to it where nothing better was found.
     """
     backend = _check_params(group_size, bits, backend)
-    w = np.asarray(w)
-    dtype = _check_dtype(w.dtype, "affine_quantize_mse input")
-    if w.ndim < 1 or w.shape[-1] == 0 or w.shape[-1] % group_size:
-        raise FmtconvError(f"last dimension of shape {w.shape} must be a positive multiple of group_size={group_size}", tensor=name)
-    lead, k = w.shape[:-1], w.shape[-1]
-    flat = np.ascontiguousarray(w).reshape(-1, group_size)
-    n_groups = flat.shape[0]
-    codes = np.empty((n_groups, group_size), dtype=np.uint8)
-    scales = np.empty(n_groups, dtype=np.float32)
-    biases = np.empty(n_groups, dtype=np.float32)
-    step = max(1, _CHUNK // group_size)
-    for g0 in range(0, n_groups, step):
-        g1 = min(n_groups, g0 + step)
-        codes[g0:g1], scales[g0:g1], biases[g0:g1] = _mse_chunk(to_float32(flat[g0:g1]), bits, dtype, backend, name)
-    wq = pack_codes(codes.reshape(-1, k), bits).reshape(lead + (k * bits // 32,))
-    sshape = lead + (k // group_size,)
-    return wq, scales.astype(dtype).reshape(sshape), biases.astype(dtype).reshape(sshape)
+    return quantize_in_chunks(w, group_size, bits, "affine_quantize_mse input", name,
+                              lambda x, dtype: _mse_chunk(x, bits, dtype, backend, name))

@@ -42,7 +42,7 @@ import numpy as np
 
 from .affine import _check_dtype, _check_params, _params, dequantize_values, quantize_step, to_float32
 from .affine_mse import _mse_chunk
-from .table_driven import MX_BLOCK, BlockScratch, CodePacker, _code_sets, _extreme_codes, _value_table
+from .table_driven import MX_BLOCK, BlockScratch, _code_sets, _extreme_codes, _value_table, quantize_mxfp4_blocks
 from .tables import E2M1_VALUES
 
 MAX_OFFSET = 3  # block exponents at most this far below the group's largest are tabulated
@@ -300,29 +300,4 @@ def affine_quantize_mxfp4_mse(
     dtype = _check_dtype(dtype, "affine_quantize_mxfp4_mse dtype")
     if dtype == np.float16:
         return None
-    p = np.ascontiguousarray(packed).view(np.uint8)
-    s = np.ascontiguousarray(scale_codes).view(np.uint8)
-    n, half = p.shape
-    k = half * 2
-    if k % group_size or s.shape != (n, k // MX_BLOCK):
-        raise ValueError(f"packed {p.shape} and scale codes {s.shape} do not fit group_size={group_size}")
-    _, finite = _value_table(dtype.name)
-    s_flat = s.reshape(-1)
-    if not finite[s_flat].all():
-        return None
-    per = group_size // MX_BLOCK
-    n_blocks = s_flat.size
-    blocks = p.reshape(n_blocks, MX_BLOCK // 2)
-    scales = np.empty(n_blocks // per, dtype=np.float32)
-    biases = np.empty(n_blocks // per, dtype=np.float32)
-    step = max(per, _ROWS_PER_STEP // per * per)
-    scratch = BlockScratch(min(step, n_blocks))
-    packer = CodePacker(n_blocks, bits)
-    for b0 in range(0, n_blocks, step):
-        b1 = min(n_blocks, b0 + step)
-        blk, s_blk = blocks[b0:b1], s_flat[b0:b1]
-        g_scale, g_bias, lut = _mse_step(blk, s_blk, per, bits, dtype, backend, scratch)
-        scales[b0 // per : b1 // per], biases[b0 // per : b1 // per] = g_scale, g_bias
-        packer.put(b0, blk, lut, scratch)
-    sshape = (n, k // group_size)
-    return packer.words(n, k), scales.astype(dtype).reshape(sshape), biases.astype(dtype).reshape(sshape)
+    return quantize_mxfp4_blocks(packed, scale_codes, group_size, bits, dtype, backend, _mse_step, _ROWS_PER_STEP)

@@ -22,6 +22,7 @@ and the caller takes the float path, which refuses such input itself.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -172,13 +173,25 @@ def affine_quantize_mxfp4(
     """
     backend = _check_params(group_size, bits, backend)
     dtype = _check_dtype(dtype, "affine_quantize_mxfp4 dtype")
+    return quantize_mxfp4_blocks(packed, scale_codes, group_size, bits, dtype, backend, minmax_block_codes)
+
+
+BlockStep = Callable[[np.ndarray, np.ndarray, int, int, np.dtype, str, BlockScratch], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def quantize_mxfp4_blocks(packed: np.ndarray, scale_codes: np.ndarray, group_size: int, bits: int, dtype: np.dtype,
+                          backend: str, block_step: BlockStep, rows_per_step: int = _ROWS_PER_STEP
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The MXFP4 -> affine driver shared by the encoders: blocks in steps of whole groups, each step's per-group
+    (scale, bias) and per-block code tables from block_step, codes packed.  None where a block's values are not
+    finite in dtype."""
     p = np.ascontiguousarray(packed).view(np.uint8)
     s = np.ascontiguousarray(scale_codes).view(np.uint8)
     n, half = p.shape
     k = half * 2
     if k % group_size or s.shape != (n, k // MX_BLOCK):
         raise ValueError(f"packed {p.shape} and scale codes {s.shape} do not fit group_size={group_size}")
-    table, finite = _value_table(dtype.name)
+    _, finite = _value_table(dtype.name)
     s_flat = s.reshape(-1)
     if not finite[s_flat].all():
         return None
@@ -187,18 +200,17 @@ def affine_quantize_mxfp4(
     blocks = p.reshape(n_blocks, MX_BLOCK // 2)
     scales = np.empty(n_blocks // per, dtype=np.float32)
     biases = np.empty(n_blocks // per, dtype=np.float32)
-    step = max(per, _ROWS_PER_STEP // per * per)
+    step = max(per, rows_per_step // per * per)
     scratch = BlockScratch(min(step, n_blocks))
     packer = CodePacker(n_blocks, bits)
     for b0 in range(0, n_blocks, step):
         b1 = min(n_blocks, b0 + step)
         blk, s_blk = blocks[b0:b1], s_flat[b0:b1]
-        g_scale, g_bias, lut = minmax_block_codes(blk, s_blk, per, bits, dtype, backend, scratch)
+        g_scale, g_bias, lut = block_step(blk, s_blk, per, bits, dtype, backend, scratch)
         scales[b0 // per : b1 // per], biases[b0 // per : b1 // per] = g_scale, g_bias
         packer.put(b0, blk, lut, scratch)
-    wq = packer.words(n, k)
     sshape = (n, k // group_size)
-    return wq, scales.astype(dtype).reshape(sshape), biases.astype(dtype).reshape(sshape)
+    return packer.words(n, k), scales.astype(dtype).reshape(sshape), biases.astype(dtype).reshape(sshape)
 
 
 @functools.lru_cache(maxsize=None)
