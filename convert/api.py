@@ -70,7 +70,7 @@ def convert(
 
 def _model_card_writer(p: Plan) -> Callable[[Path], None]:
     def write(partial: Path) -> None:
-        from fmtconv.convert.model_card import write_model_card
+        from fmtconv.convert.publish.model_card import write_model_card
 
         write_model_card(partial, p)
 

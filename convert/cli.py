@@ -71,7 +71,7 @@ def _recipe_for(args: argparse.Namespace):
 
 def _resolve_src(args: argparse.Namespace) -> None:
     """A hub repo id (`org/name`) is downloaded (only the files a conversion needs) into the cache."""
-    from fmtconv.convert.hub import is_repo_id, resolve_source
+    from fmtconv.convert.publish.hub import is_repo_id, resolve_source
 
     if is_repo_id(str(args.src)):
         args.src = str(resolve_source(args.src, revision=args.revision, cache_dir=args.cache_dir))
@@ -142,7 +142,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         for w in result["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {w}")
     if args.upload_repo:
-        from fmtconv.convert.hub import upload_bundle
+        from fmtconv.convert.publish.hub import upload_bundle
 
         url = upload_bundle(args.out, args.upload_repo)
         if not args.quiet:
@@ -151,11 +151,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from fmtconv.convert.verify import verify_bundle
+    from fmtconv.convert.check.verify import verify_bundle
 
     if args.source:
-        from fmtconv.convert.hub import is_repo_id, resolve_source
-        from fmtconv.convert.source_values import source_pairs
+        from fmtconv.convert.publish.hub import is_repo_id, resolve_source
+        from fmtconv.convert.check.source_values import source_pairs
         from fmtconv.formats.safetensors_io import Checkpoint
 
         src = str(resolve_source(args.source, revision=args.revision, cache_dir=args.cache_dir)) if is_repo_id(args.source) else args.source
@@ -164,7 +164,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     else:
         report = verify_bundle(args.out, threshold_db=args.threshold)
     if args.compare_encoders:
-        from fmtconv.convert.encoder_compare import compare_encoders
+        from fmtconv.convert.check.encoder_compare import compare_encoders
 
         if not args.source:
             raise FmtconvError("--compare-encoders needs --source (the values both encoders are run on)")
@@ -173,7 +173,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     out = report.to_json()
     text = report.to_text()
     if args.runtime is not None:
-        from fmtconv.convert.conformance import check_bundle
+        from fmtconv.convert.check.conformance import check_bundle
         from fmtconv.convert.runtimes import owner_of
 
         runtime = args.runtime or _bundle_runtime(args.out) or owner_of(_bundle_config(args.out).get("model_type")).name
@@ -327,14 +327,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                     print(f"  {k:46s} {v:.3f}" if isinstance(v, float) else f"  {k:46s} {v}")
         return 0
     if args.what == "encoders":
-        from fmtconv.convert.encoder_bench import print_encoder_table, run_encoder_bench
+        from fmtconv.convert.bench.encoders import print_encoder_table, run_encoder_bench
 
         rows = run_encoder_bench(args.source or [], kernel_backend=args.kernel_backend, bound=args.bound)
         print(json.dumps(rows, indent=2) if args.json else print_encoder_table(rows))
         return 0
     from pathlib import Path
 
-    from fmtconv.convert.bench import run_bench
+    from fmtconv.convert.bench.runner import run_bench
 
     sizes = args.size or [4 * 10**9]
     phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())

@@ -18,29 +18,19 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fmtconv import __version__
-from fmtconv.convert.plan import (
-    CAST,
-    COMPUTE_DTYPES,
-    EXACT_AFFINE,
-    PASSTHROUGH,
-    REPACK,
-    REQUANT,
-    Plan,
-    PlannedTensor,
-)
-from fmtconv.convert.conformance import check_plan, enforce
+from fmtconv.convert.plan import Plan, PlannedTensor
+from fmtconv.convert.bundle.files import copy_side_files, output_config
+from fmtconv.convert.check.conformance import check_plan, enforce
+from fmtconv.convert.encode import Job, TensorEncoder, iter_jobs
 from fmtconv.errors import FmtconvError
-from fmtconv.formats.dense import cast_integers
 from fmtconv.formats.safetensors_io import (
-    INDEX_NAME,
     Checkpoint,
     PreallocatedSafetensorsWriter,
     TensorSpec,
@@ -48,70 +38,18 @@ from fmtconv.formats.safetensors_io import (
     write_index,
 )
 
-# Elements of one row block; a few blocks are in flight per worker (each costs ~10-20 bytes/element).
-BLOCK_ELEMENTS = 1 << 22
 MANIFEST = "fmtconv-manifest.json"
 LOCK = ".fmtconv.lock"
-# Files of a source that the bundle must not carry over: weights, rewritten config, FP quant metadata.
-_NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json"}
 # Write errors that mean "no room": a full disk, a quota, a file-size limit (ulimit -f, with SIGXFSZ ignored).
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
-@dataclass
-class Job:
-    """Rows [start, stop) of source `src` (flattened to 2-D) of one planned tensor, landing at output row `out_row`."""
-
-    tensor: PlannedTensor
-    src: int
-    start: int
-    stop: int
-    out_row: int
-
-
-def _row_slice(pt: PlannedTensor) -> slice | None:
-    return None if pt.target.rows is None else slice(*pt.target.rows)
-
-
-def iter_jobs(pt: PlannedTensor) -> Iterator[Job]:
-    """Row blocks of every source of a planned tensor, with the output row each lands at."""
-    t = pt.target
-    g0 = t.sources[0]
-    last = g0.shape[-1]
-    sel = _row_slice(pt)
-    if t.transform is not None:  # whole-tensor transform: one job per source
-        out_per_src = int(np.prod(pt.shape[:-1])) // len(t.sources)
-        for k, g in enumerate(t.sources):
-            yield Job(pt, k, 0, g.rows, k * out_per_src)
-        return
-    mat, n_sel = 1, 1  # without a selection every source row is an output row
-    if sel is None:
-        step_rows = max(128, (BLOCK_ELEMENTS // max(last, 1)) // 128 * 128)
-    else:  # blocks of whole matrices along axis -2, so the strided selection stays inside a block
-        mat = g0.shape[-2]
-        n_sel = len(range(*sel.indices(mat)))
-        step_rows = mat * max(1, BLOCK_ELEMENTS // max(mat * last, 1))
-    out_per_src = g0.rows // mat * n_sel
-    for k, g in enumerate(t.sources):
-        for a in range(0, g.rows, step_rows):
-            yield Job(pt, k, a, min(g.rows, a + step_rows), k * out_per_src + a // mat * n_sel)
-
-
-def select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:
-    """The target's axis -2 selection applied to rows of whole source matrices (flattened to 2-D)."""
-    sel = _row_slice(pt)
-    if sel is None:
-        return a
-    mat = pt.target.sources[0].shape[-2]
-    return a.reshape(-1, mat, a.shape[-1])[:, sel, :].reshape(-1, a.shape[-1])
-
-
-class Converter:
+class Converter(TensorEncoder):
     """Runs one plan into OUT (via OUT.partial), resumable, on `workers` threads."""
 
     def __init__(self, plan: Plan, out: Path, *, workers: int | None = None, progress: Callable[[int, int], None] | None = None,
                  tensor_progress: Callable[[int, int], None] | None = None):
-        self.plan = plan
+        super().__init__(plan)
         self.out = Path(out)
         self.partial = self.out.with_name(self.out.name + ".partial")
         self.workers = workers or available_cpus()
@@ -119,143 +57,9 @@ class Converter:
         self.tensor_progress = tensor_progress  # (tensors finished, total tensors)
         self._tensors_done = 0
         self._lock_fd: int | None = None
-        self._codecs: dict[str, Any] = {}
         self.conformance: list[Any] = []  # the runtime checks, after planning and before the rename
         self._done_bytes = 0
         self._done_lock = threading.Lock()
-
-    # ---- codecs and kernels -------------------------------------------------------------------
-    def _codec(self, name: str):
-        if name not in self._codecs:
-            from fmtconv.formats import get_codec
-
-            self._codecs[name] = get_codec(name)
-        return self._codecs[name]
-
-    def _values(self, pt: PlannedTensor, parts: dict[str, np.ndarray], k: int, rows: tuple[int, int], dtype: np.dtype) -> np.ndarray:
-        """Decoded rows rounded to `dtype` by the route's rounding rule."""
-        g = pt.target.sources[k]
-        fast = self._codec(g.codec).decode_to(parts, g, dtype=dtype, rows=rows)
-        if fast is not None:  # the codec's table route: the same values as decode(...).to(dtype)
-            return fast
-        exact = self._codec(g.codec).decode(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[self.plan.compute_dtype]), rows=rows)
-        # FP8 x float32 scale (not exact in float32): round as mlx_lm's sanitize + convert do, so bundles
-        # match mlx_lm.convert's; every other source is exact in float32 and is rounded once.
-        like_mlx_lm = self.plan.rounding == "mlx-lm" and g.codec == "fp8_block" and exact.values.dtype == np.float64
-        return exact.to(dtype, like_mlx_lm=like_mlx_lm)
-
-    def _affine_mse(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
-        """Affine with the error-minimising encoder: from MXFP4 codes by histogram (kernels_ref.mxfp4_mse) where that
-        route applies, else on the rows rounded to the compute dtype (kernels_ref.affine_mse)."""
-        from fmtconv.kernels_ref.affine_mse import affine_quantize_mse
-        from fmtconv.kernels_ref.mxfp4_mse import affine_quantize_mxfp4_mse
-
-        g = pt.target.sources[job.src]
-        dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
-        backend = self.plan.kernel_backend
-        out = None
-        if g.codec == "mxfp4" and pt.target.transform is None:
-            rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
-            packed = select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
-            out = affine_quantize_mxfp4_mse(packed, select_rows(np.asarray(rep["scales"]), pt), pt.group_size, pt.bits,
-                                            dtype=dtype, backend=backend)
-        if out is None:  # as _encode prepares rows for affine_quantize
-            v = self._values(pt, parts, job.src, (job.start, job.stop), dtype).reshape(-1, g.shape[-1])
-            if pt.target.transform is not None:
-                v = pt.target.transform(v.reshape(g.shape))
-                v = np.ascontiguousarray(v).reshape(-1, v.shape[-1])
-            out = affine_quantize_mse(select_rows(v, pt), pt.group_size, pt.bits, backend=backend)
-        module = pt.target.module
-        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
-
-    def encode_job(self, ck: Checkpoint, job: Job) -> dict[str, np.ndarray]:
-        """One job's output arrays in memory, nothing written (verify --compare-encoders, bench encoders)."""
-        g = job.tensor.target.sources[job.src]
-        parts = {role: ck.array(name) for role, name in g.parts.items()}
-        try:
-            return self._encode(job.tensor, parts, job)
-        finally:
-            del parts
-            for name in g.parts.values():
-                ck.release(name)
-
-    def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
-        """Output part arrays (by output tensor name) for one job's rows."""
-        from fmtconv import kernels, kernels_ref
-
-        g = pt.target.sources[job.src]
-        rows = (job.start, job.stop)
-        last = g.shape[-1]
-        module = pt.target.module
-        if pt.route == PASSTHROUGH:
-            raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
-            return {pt.target.name: select_rows(raw, pt)}
-        if pt.mode == "dense" and pt.dtype not in COMPUTE_DTYPES:  # integers the runtime holds in another dtype
-            raw = np.asarray(parts["weight"]).reshape(-1, last)[job.start : job.stop]
-            return {pt.target.name: cast_integers(select_rows(raw, pt), np.dtype(pt.dtype), name=g.name)}
-        if pt.route == REPACK:
-            rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=rows)
-            return {f"{module}.weight": select_rows(rep["weight"], pt), f"{module}.scales": select_rows(rep["scales"], pt)}
-        if pt.route == EXACT_AFFINE:
-            rep = self._codec(g.codec).to_affine5(parts, g, compute_dtype=np.dtype(COMPUTE_DTYPES[pt.dtype]), rows=rows)
-            return {f"{module}.{r}": select_rows(rep[r], pt) for r in ("weight", "scales", "biases")}
-        if pt.route == REQUANT and pt.mode == "affine" and pt.encoder == "mse":
-            return self._affine_mse(pt, parts, job)
-        dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
-        if pt.route == REQUANT and pt.mode == "affine" and pt.target.transform is None:
-            fast = None
-            if g.codec == "mxfp4":
-                fast = self._affine_from_mxfp4(pt, parts, job, dtype)
-            elif g.codec == "fp8_block" and pt.target.rows is None:
-                fast = self._affine_from_fp8(pt, parts, job, dtype)
-            if fast is not None:
-                return fast
-        v = self._values(pt, parts, job.src, rows, dtype).reshape(-1, last)
-        if pt.target.transform is not None:
-            v = pt.target.transform(v.reshape(g.shape))
-            v = np.ascontiguousarray(v).reshape(-1, v.shape[-1])
-        v = select_rows(v, pt)
-        if pt.route == CAST:
-            return {pt.target.name: v}
-        assert pt.route == REQUANT
-        if pt.mode == "affine":
-            wq, s, b = kernels.affine_quantize(v, pt.group_size, pt.bits, backend=self.plan.kernel_backend)
-            return {f"{module}.weight": wq, f"{module}.scales": s, f"{module}.biases": b}
-        wq, s = kernels_ref.fp_quantize(v, pt.mode)[:2]
-        return {f"{module}.weight": wq, f"{module}.scales": s}
-
-    def _affine_from_mxfp4(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job, dtype: np.dtype) -> dict[str, np.ndarray] | None:
-        """MXFP4 rows -> affine straight from the codes (kernels.affine_quantize_mxfp4: the same bytes as
-        decode + round + affine_quantize, several times faster); None where that table route does not apply."""
-        from fmtconv.kernels import affine_quantize_mxfp4
-
-        g = pt.target.sources[job.src]
-        rep = self._codec(g.codec).repack_to_mlx(parts, g, rows=(job.start, job.stop))  # validated bytes, no copy
-        packed = select_rows(np.ascontiguousarray(rep["weight"]).view(np.uint8), pt)
-        codes = select_rows(np.asarray(rep["scales"]), pt)
-        out = affine_quantize_mxfp4(packed, codes, pt.group_size, pt.bits, dtype=dtype, backend=self.plan.kernel_backend)
-        if out is None:
-            return None
-        module = pt.target.module
-        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
-
-    def _affine_from_fp8(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job, dtype: np.dtype) -> dict[str, np.ndarray] | None:
-        """FP8 rows -> affine straight from codes and block scales (kernels.affine_quantize_fp8: the values the NumPy
-        route rounds, quantized as it does); None where it does not apply (then that route runs, and refuses bad input)."""
-        from fmtconv.kernels import affine_quantize_fp8
-
-        g = pt.target.sources[job.src]
-        if g.params.get("scale_kind") != "e8m0" and self.plan.rounding != "mlx-lm":
-            return None  # float scales rounded once, exactly: the NumPy decode (float64) route
-        f = self._codec(g.codec).factored_rows(parts, g, rows=(job.start, job.stop))
-        if f is None:
-            return None
-        out = affine_quantize_fp8(f.codes, f.scale, f.srows, f.block_cols, scale_kind=f.scale_kind, group_size=pt.group_size,
-                                  bits=pt.bits, dtype=dtype, backend=self.plan.kernel_backend)
-        if out is None:
-            return None
-        module = pt.target.module
-        return {f"{module}.weight": out[0], f"{module}.scales": out[1], f"{module}.biases": out[2]}
 
     # ---- one shard -----------------------------------------------------------------------------
     def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, PreallocatedSafetensorsWriter]) -> int:
@@ -645,53 +449,6 @@ def check_disk_space(where: Path, needed: int, margin: float = 1.05) -> None:
     free = shutil.disk_usage(where).free
     if needed * margin > free:
         raise FmtconvError(f"needs about {needed * margin / 1e9:.2f} GB of free disk but {free / 1e9:.2f} GB is free", file=where)
-
-
-def copy_side_files(src: Path, dst: Path, with_readme: bool = False) -> list[str]:
-    """Copy every non-weight file and folder of the source (tokenizer, chat template, licence, ...)."""
-    copied = []
-    for p in sorted(src.iterdir()):
-        if p.name.startswith(".") or p.name in _NOT_COPIED or p.suffix == ".safetensors":
-            continue
-        if p.name == "README.md" and not with_readme:
-            continue  # the bundle gets its own model card
-        target = dst / p.name
-        if p.is_dir():
-            shutil.copytree(p, target, dirs_exist_ok=True)
-        else:
-            shutil.copyfile(p, target)  # a full disk surfaces as OSError; Converter.run reports it, keeping the work
-        copied.append(p.name)
-    return copied
-
-
-def output_config(plan: Plan) -> dict[str, Any]:
-    """The source config for the runtime: MLX quantization blocks in, the source's FP8/FP4 block out."""
-    config = plan.layout.output_config(dict(plan.config))
-    for key in ("quantization_config", "quantization", "compression_config"):
-        config.pop(key, None)
-    text = config.get("text_config")
-    if isinstance(text, dict):
-        text.pop("quantization_config", None)
-    q = plan.quantization()
-    if q:
-        config["quantization"] = q
-        config["quantization_config"] = q
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = plan.compute_dtype
-    config["fmtconv"] = {
-        "version": __version__,
-        "source": str(plan.source),
-        "recipe": plan.recipe.name,
-        "layout": plan.layout.family,
-        "runtime": plan.runtime,
-        "recipe_rules": plan.recipe.model_dump(mode="json")["rules"],
-        "kernel_backend": plan.kernel_backend,
-        "rounding": plan.rounding,
-        "encoder": plan.encoder,
-        "encoders": plan.encoder_patterns(),
-    }
-    return config
 
 
 def summary(plan: Plan, out: Path, wall: float) -> dict[str, Any]:

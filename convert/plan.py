@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from fmtconv import __version__
-from fmtconv.convert.bundle_check import module_pattern
 from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
+from fmtconv.convert.naming import module_pattern
 from fmtconv.convert.recipes import ENCODERS, FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
 from fmtconv.formats import rounding

@@ -46,10 +46,10 @@ def child_script(src: Path, out: Path, *, block_elements: int | None = None, wor
     or a pause after each recorded shard so a test can kill it mid-way)."""
     return textwrap.dedent(f"""
         import time
-        from fmtconv.convert import pipeline
+        from fmtconv.convert import encode, pipeline
         from fmtconv.convert import convert
         if {block_elements!r} is not None:
-            pipeline.BLOCK_ELEMENTS = {block_elements!r}
+            encode.BLOCK_ELEMENTS = {block_elements!r}
         if {pause_after_shard!r}:
             _save = pipeline.Converter._save_manifest
             def _slow(self, m):
@@ -58,7 +58,7 @@ def child_script(src: Path, out: Path, *, block_elements: int | None = None, wor
             pipeline.Converter._save_manifest = _slow
         kw = {{}} if {max_shard_bytes!r} is None else {{"max_shard_bytes": {max_shard_bytes!r}}}
         convert({str(src)!r}, {str(out)!r}, recipe={recipe!r}, kernel_backend="cpu", workers={workers}, **kw)
-        from fmtconv.convert.bench_phases import peak_rss_self
+        from fmtconv.convert.bench.phases import peak_rss_self
         print("VMHWM", peak_rss_self())
     """)
 

@@ -14,7 +14,7 @@ import pytest
 
 import release_headers as rh
 from fmtconv.convert import convert, plan
-from fmtconv.convert.conformance import check_bundle, check_plan, enforce
+from fmtconv.convert.check.conformance import check_bundle, check_plan, enforce
 from fmtconv.convert.runtimes import Runtime, owner_of
 from fmtconv.errors import FmtconvError
 from runtime_helpers import FIXTURES
@@ -27,7 +27,7 @@ import json, sys, time
 sys.path.insert(0, {tests!r})
 import release_headers as rh
 from fmtconv.convert import plan
-from fmtconv.convert.conformance import check_plan
+from fmtconv.convert.check.conformance import check_plan
 t0 = time.perf_counter()
 p = plan({src!r}, {recipe!r})
 report = check_plan(p)
@@ -147,7 +147,7 @@ def test_names_and_integer_dtypes_are_compared(v4_bundle, tmp_path):
 
 
 def test_intent_differences_and_config_keys(v4_bundle):
-    from fmtconv.convert.conformance import plan_intent
+    from fmtconv.convert.check.conformance import plan_intent
 
     intent = plan_intent(plan(V4, "q4q8"))
     assert check_bundle(v4_bundle, "mlx-vlm", intent).ok

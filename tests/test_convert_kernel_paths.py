@@ -30,7 +30,7 @@ def _bundle(out: Path) -> dict[str, bytes]:
 
 
 def _synthetic(tmp_path: Path) -> Path:
-    from fmtconv.convert.bench_data import generate_checkpoint
+    from fmtconv.convert.bench.data import generate_checkpoint
 
     return generate_checkpoint(tmp_path / "synth", 0, quiet=True, hidden=256, moe_inter=128, experts=4, vocab=256, layers=2)
 

@@ -93,7 +93,7 @@ def test_bench_phases_are_checked():
 
 
 def test_card_names_the_encoder_per_pattern_when_mixed():
-    from fmtconv.convert.model_card import encoder_summary
+    from fmtconv.convert.publish.model_card import encoder_summary
 
     cfg = {"fmtconv": {"encoder": "minmax", "encoders": {"model.layers.{i}.mlp.switch_mlp.up_proj": "mse", "lm_head": "minmax"}}}
     text = encoder_summary(cfg)
@@ -103,7 +103,7 @@ def test_card_names_the_encoder_per_pattern_when_mixed():
 
 
 def test_bench_encoders_rows(monkeypatch):
-    from fmtconv.convert import encoder_bench
+    from fmtconv.convert.bench import encoders as encoder_bench
 
     monkeypatch.setattr(encoder_bench, "_SHAPE", (16, 512))
     monkeypatch.setattr(encoder_bench, "BITS", (4,))

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fmtconv.convert.hub import is_repo_id, resolve_source, snapshot_info, upload_bundle
+from fmtconv.convert.publish.hub import is_repo_id, resolve_source, snapshot_info, upload_bundle
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.safetensors_io import INDEX_NAME, save_sharded
 
@@ -154,7 +154,7 @@ def test_env_offline_standard_cache_in_a_fresh_process(tmp_path):
     code = ("import socket\n"
             "def refuse(*a, **k): raise SystemExit('network')\n"
             "socket.socket.connect = refuse\n"
-            "from fmtconv.convert.hub import resolve_source\n"
+            "from fmtconv.convert.publish.hub import resolve_source\n"
             f"print(resolve_source({REPO!r}))\n")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -11,8 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from fmtconv.convert.model_card import files_info, render_model_card, write_model_card
-from fmtconv.convert.verify import module_pattern, verify_bundle
+from fmtconv.convert.publish.model_card import files_info, render_model_card, write_model_card
+from fmtconv.convert.check.verify import verify_bundle
+from fmtconv.convert.naming import module_pattern
 from fmtconv.formats.safetensors_io import INDEX_NAME, save_sharded
 
 N_LAYERS = 6

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fmtconv.convert import convert, plan
-from fmtconv.convert import pipeline as pipeline_mod
+from fmtconv.convert import encode as encode_mod
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.safetensors_io import Checkpoint, save_sharded
 
@@ -79,7 +79,7 @@ def test_affine_bytes_equal_mx_quantize(dense_src: Path, tmp_path: Path) -> None
 
 def test_block_size_and_workers_do_not_change_bytes(dense_src: Path, tmp_path: Path, monkeypatch) -> None:
     convert(dense_src, tmp_path / "a", recipe="mixed_3_6", kernel_backend="metal", workers=1)
-    monkeypatch.setattr(pipeline_mod, "BLOCK_ELEMENTS", 1000)  # many small row blocks, out of order on 2 threads
+    monkeypatch.setattr(encode_mod, "BLOCK_ELEMENTS", 1000)  # many small row blocks, out of order on 2 threads
     convert(dense_src, tmp_path / "b", recipe="mixed_3_6", kernel_backend="metal", workers=2)
     assert _tensors(tmp_path / "a") == _tensors(tmp_path / "b")
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from fmtconv.convert import bench, bench_data
+from fmtconv.convert.bench import data as bench_data
+from fmtconv.convert.bench import runner as bench
 from fmtconv.convert.api import plan
 from fmtconv.convert.recipes import source_recipe
 from fmtconv.formats.safetensors_io import Checkpoint

@@ -47,7 +47,7 @@ def test_peak_rss_stays_under_the_scaled_bound(sources: tuple[Path, Path], tmp_p
 def test_full_scale_bound_on_a_deepseek_v4_expert_tensor(tmp_path: Path) -> None:
     """The issue's own numbers: one stacked MXFP4 expert projection (48 x 2048 x 4096) decodes to 1.6 GB of
     float32, more than the 1.5 GB bound; the whole conversion's peak RSS (a child's VmHWM) stays under it."""
-    from fmtconv.convert.bench_data import generate_checkpoint
+    from fmtconv.convert.bench.data import generate_checkpoint
     from fmtconv.formats.safetensors_io import Checkpoint
 
     src = generate_checkpoint(tmp_path / "synth", 0, quiet=True, hidden=4096, moe_inter=2048, experts=48, vocab=1024, layers=1)

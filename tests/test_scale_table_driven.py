@@ -140,7 +140,7 @@ def _bundle(out: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize("recipe,backend,dtype", [("q4q8", "metal", None), ("q4q8", "cpu", "float16"),
                                                   ("mixed_3_6", "cpu", None), ("q8_5", "metal", "float32")])
 def test_conversions_are_the_same_without_the_fast_paths(tmp_path: Path, monkeypatch, recipe, backend, dtype) -> None:
-    from fmtconv.convert.bench_data import generate_checkpoint
+    from fmtconv.convert.bench.data import generate_checkpoint
 
     sources = [REPO / "fixtures" / "deepseek-v4-tiny",
                generate_checkpoint(tmp_path / "synth", 0, quiet=True, hidden=256, moe_inter=128, experts=4, vocab=256, layers=2)]

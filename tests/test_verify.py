@@ -12,15 +12,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from fmtconv.convert.verify import (
+from fmtconv.convert.check.verify import (
     ErrorStats,
     compare_with_source,
     max_abs_error,
-    module_pattern,
     rows_of,
     sqnr_db,
     verify_bundle,
 )
+from fmtconv.convert.naming import module_pattern
 from fmtconv.formats.safetensors_io import INDEX_NAME, Checkpoint, save_sharded
 
 BF16 = ml_dtypes.bfloat16

@@ -18,7 +18,7 @@ from typing import Any
 
 from fmtconv import __version__
 from fmtconv.convert.units import human_bytes
-from fmtconv.convert.verify import ModuleEntry, bundle_modules, open_bundle, pattern_table, quant_block
+from fmtconv.convert.check.verify import ModuleEntry, bundle_modules, open_bundle, pattern_table, quant_block
 from fmtconv.formats.safetensors_io import TensorInfo
 
 README = "README.md"
@@ -248,7 +248,7 @@ def write_model_card(
     """
     import json
 
-    from fmtconv.convert.verify import verify_bundle
+    from fmtconv.convert.check.verify import verify_bundle
 
     out = Path(out_dir)
     config = json.loads((out / "config.json").read_text())
@@ -260,7 +260,7 @@ def write_model_card(
     recipe_name = recipe_name or prov.get("recipe")
     revision = revision or prov.get("revision")
     if source:  # a hub download: name the repo and commit, not the cache path
-        from fmtconv.convert.hub import snapshot_info
+        from fmtconv.convert.publish.hub import snapshot_info
 
         snap = snapshot_info(source)
         if snap is not None:

@@ -1,7 +1,7 @@
 """Both affine encoders side by side on a bundle's source: SQNR per module pattern for `minmax` and `mse`.
 
 Every affine module of the bundle is re-encoded from the source, at its own bits and group size, through
-the pipeline's own routes (`Converter.encode_job`: the MXFP4 table routes, the float path with the same
+the pipeline's own routes (`TensorEncoder.encode_job`: the MXFP4 table routes, the float path with the same
 rounding), once per encoder; both results are dequantized with kernels_ref (MLX's CPU arithmetic, as
 verify's SQNR) and compared with the source's exact values.  Nothing is written.
 """
@@ -14,18 +14,17 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from fmtconv.convert.bundle_check import module_pattern, natural_key, open_bundle
-from fmtconv.convert.pipeline import Converter, iter_jobs
+from fmtconv.convert.bundle.reader import open_bundle
+from fmtconv.convert.check.source_values import mapping_plan, source_rows
+from fmtconv.convert.check.weight_quality import ErrorStats, OutputReader, json_float
+from fmtconv.convert.encode import TensorEncoder, iter_jobs
+from fmtconv.convert.naming import module_pattern, natural_key
 from fmtconv.convert.plan import REQUANT, Plan, PlannedTensor
-from fmtconv.convert.quality import ErrorStats, OutputReader, json_float
 from fmtconv.convert.recipes import ENCODERS
-from fmtconv.convert.source_values import mapping_plan, source_rows
 from fmtconv.formats.safetensors_io import Checkpoint
 
 
-def encode_and_measure(conv: Converter, ck: Checkpoint, pt: PlannedTensor, bits: int, group_size: int,
+def encode_and_measure(conv: TensorEncoder, ck: Checkpoint, pt: PlannedTensor, bits: int, group_size: int,
                        encoders: Iterable[str] = ENCODERS) -> dict[str, ErrorStats]:
     """Error statistics of one planned tensor re-quantized to affine (bits, group_size) by each encoder."""
     from fmtconv.kernels_ref import affine_dequantize
@@ -80,7 +79,7 @@ def compare_encoders(out_dir: str | Path, src: str | Path) -> list[dict[str, Any
     written = prov.get("encoders") or {}
     groups: dict[tuple[str, int, int], dict[str, _Pooled]] = {}
     with Checkpoint(src) as ck:
-        conv = Converter(mp, Path(out_dir))  # never run: only its per-job encoders are used
+        conv = TensorEncoder(mp)
         for pt in mp.tensors:
             m = reader.module_of(pt.target.name)
             if m is None or m[1].mode != "affine":

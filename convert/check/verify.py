@@ -1,4 +1,4 @@
-"""Verify an MLX bundle: its structure (`bundle_check`) and, against its source, its quality (`quality`).
+"""Verify an MLX bundle: its structure (`check.structure`) and, against its source, its weight quality (`check.weight_quality`).
 
 `verify_bundle` never raises for a bad bundle: every fault is a line in `report.problems`.
 """
@@ -10,21 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fmtconv.convert.bundle_check import (
+from fmtconv.convert.bundle.reader import Bundle, ModuleEntry, QuantParams, bundle_modules, open_bundle, pattern_table, quant_block
+from fmtconv.convert.check.structure import check_config, check_finite, check_modules
+from fmtconv.convert.check.weight_quality import (
     DEFAULT_MIN_SQNR_DB,
-    Bundle,
-    ModuleEntry,
-    QuantParams,
-    bundle_modules,
-    check_config,
-    check_finite,
-    check_modules,
-    module_pattern,
-    open_bundle,
-    pattern_table,
-    quant_block,
-)
-from fmtconv.convert.quality import (
     ErrorStats,
     OutputReader,
     SourceRows,
@@ -106,7 +95,7 @@ class VerifyReport:
             for r in self.outliers:
                 lines.append(f"  outlier: {r.name} {r.sqnr_db:.2f} dB < {r.threshold_db} dB ({r.kind})")
         if self.encoders is not None:
-            from fmtconv.convert.encoder_compare import encoder_table_text
+            from fmtconv.convert.check.encoder_compare import encoder_table_text
 
             lines.append("  affine encoders re-run on the source (SQNR per module pattern, MLX CPU dequantize):")
             lines += encoder_table_text(self.encoders)
@@ -159,7 +148,6 @@ __all__ = [
     "bundle_modules",
     "compare_with_source",
     "max_abs_error",
-    "module_pattern",
     "open_bundle",
     "pattern_table",
     "quant_block",

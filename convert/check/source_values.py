@@ -1,7 +1,7 @@
 """Read a plan's output tensors back from the source as float32 rows, for verify's SQNR report.
 
 The row mapping (stacked sources, axis -2 row selections, whole-tensor transforms) is the same
-one the pipeline writes with (`pipeline.iter_jobs`); values are the source's exact decode,
+one the pipeline writes with (`encode.iter_jobs`); values are the source's exact decode,
 before any rounding to the compute dtype, so the SQNR includes that rounding.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fmtconv.convert.pipeline import select_rows
+from fmtconv.convert.encode import select_rows
 from fmtconv.convert.plan import COMPUTE_DTYPES, Plan, PlannedTensor, build_plan, read_config
 from fmtconv.convert.recipes import recipe_from_dict
 from fmtconv.formats import get_codec

@@ -1,6 +1,6 @@
 """The phases `fmtconv bench` times, each run in a child process of its own so that its peak RSS is its own.
 
-  fmtconv  `fmtconv convert|fp8-to-affine ...` (the CLI, in-process in the child), optionally pinned to N cores.
+  fmtconv  `fmtconv convert|fp8-to-affine ...` (the command, a process of the child's), optionally pinned to N cores.
   usual    what people do: per output tensor, dequantize to bfloat16 (NumPy for FP4, mx.from_fp8 for FP8), stack
            experts, mx.quantize, mx.save_safetensors in 5 GB shards, one process.
   copy     read every source byte and write as many bytes as fmtconv writes, fsync: the disk's own speed.
@@ -35,15 +35,18 @@ def mlx_lm_command(src: Path, out: Path, bits: int) -> list[str]:
 
 
 def phase_fmtconv(src: Path, out: Path, *, args: list[str]) -> dict[str, Any]:
-    """`fmtconv <args>` through the CLI's main(); the wall time of the call, bytes written."""
-    from fmtconv.convert.cli import main
+    """The `fmtconv <args>` command, run as a program in a process of its own, as a user runs it; the wall time of the
+    command, bytes written, and its peak RSS (its own: this small parent's high-water mark, carried into the child
+    over fork and exec, stays below any conversion's)."""
+    import resource
 
     t0 = time.perf_counter()
-    rc = main(args)
+    rc = subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", *args]).returncode
     wall = time.perf_counter() - t0
     if rc:
         raise RuntimeError(f"fmtconv {' '.join(args)} exited with {rc}")
-    return {"wall_s": wall, "bytes_out": _weights_bytes(out)}
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return {"wall_s": wall, "bytes_out": _weights_bytes(out), "vm_hwm_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}
 
 
 def phase_mlx_lm(src: Path, out: Path, *, bits: int) -> dict[str, Any]:
@@ -190,7 +193,7 @@ def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, cores: int | None 
     its result plus `peak_rss_bytes` (that child's own peak)."""
     with tempfile.TemporaryDirectory(prefix="fmtconv-bench-") as d:
         result_path = Path(d) / "result.json"
-        cmd = [sys.executable, "-m", "fmtconv.convert.bench_phases", "--phase", phase, "--phase-args", json.dumps(kwargs),
+        cmd = [sys.executable, "-m", "fmtconv.convert.bench.phases", "--phase", phase, "--phase-args", json.dumps(kwargs),
                "--result", str(result_path)]
         if cores:
             cmd += ["--cores", str(cores)]
@@ -284,7 +287,7 @@ def _run_phase(phase: str, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fmtconv.convert.bench_phases", description="one bench phase (internal)")
+    ap = argparse.ArgumentParser(prog="python -m fmtconv.convert.bench.phases", description="one bench phase (internal)")
     ap.add_argument("--phase", required=True)
     ap.add_argument("--phase-args", required=True)
     ap.add_argument("--result", required=True)
@@ -292,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     pinned = pin_to_cores(a.cores) if a.cores else None
     result = _run_phase(a.phase, json.loads(a.phase_args))
-    result["vm_hwm_bytes"] = peak_rss_self()
+    result["vm_hwm_bytes"] = max(result.get("vm_hwm_bytes") or 0, peak_rss_self() or 0) or None
     result["pinned"] = pinned
     Path(a.result).write_text(json.dumps(result))
     return 0

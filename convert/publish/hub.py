@@ -152,7 +152,7 @@ def upload_bundle(
     if not _REPO_ID.match(repo_id):
         raise FmtconvError(f"upload repo must be of the form org/name, got {repo_id!r}")
     if verify:
-        from fmtconv.convert.verify import verify_bundle
+        from fmtconv.convert.check.verify import verify_bundle
 
         report = verify_bundle(out)
         if not report.ok:

@@ -103,7 +103,7 @@ def check_plan(plan: Plan, bundle: Path | None = None) -> Conformance:
     the written bundle, before it becomes OUT, still runs.  A model type no layout claims (generic) is
     skipped, not failed, by a runtime without that model.
     """
-    from fmtconv.convert.pipeline import output_config
+    from fmtconv.convert.bundle.files import output_config
     from fmtconv.formats.safetensors_io import write_header_only, write_index
 
     def check(where: Path) -> Conformance:

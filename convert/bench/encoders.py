@@ -94,8 +94,8 @@ def _synthetic(kernel_backend: str, bound: bool = False) -> list[dict[str, Any]]
 
 
 def _from_source(src: Path, kernel_backend: str) -> list[dict[str, Any]]:
-    from fmtconv.convert.encoder_compare import encode_and_measure
-    from fmtconv.convert.pipeline import Converter
+    from fmtconv.convert.check.encoder_compare import encode_and_measure
+    from fmtconv.convert.encode import TensorEncoder
     from fmtconv.convert.plan import build_plan
     from fmtconv.convert.recipes import recipe_from_dict
     from fmtconv.formats.safetensors_io import Checkpoint
@@ -105,7 +105,7 @@ def _from_source(src: Path, kernel_backend: str) -> list[dict[str, Any]]:
     tensors = [pt for pt in plan.tensors if pt.target.quantizable and pt.target.name.endswith(".weight") and len(pt.shape) >= 2]
     rows = []
     with Checkpoint(src) as ck:
-        conv = Converter(plan, src)  # never run: only its per-job encoders are used
+        conv = TensorEncoder(plan)
         for bits in BITS:
             for g in GROUPS:
                 pooled: dict[str, dict[str, list[float]]] = {}

@@ -1,8 +1,8 @@
 """`fmtconv bench`: fmtconv next to the usual pipeline, a plain copy and mlx_lm.convert, on synthetic checkpoints.
 
 For each requested size (default 4 GB; e.g. `--size 4GB --size 8GB` for the scaling check) it generates or
-reuses a DeepSeek-V4-shaped checkpoint and a DeepSeek-V3-style FP8 one of that size (convert/bench_data.py)
-and runs, each phase in a child process (convert/bench_phases.py):
+reuses a DeepSeek-V4-shaped checkpoint and a DeepSeek-V3-style FP8 one of that size (convert/bench/data.py)
+and runs, each phase in a child process (convert/bench/phases.py):
 
   fmtconv           `fmtconv convert V4 OUT --recipe q4q8 --kernel-backend cpu`, all cores
   fmtconv_metal     the same with `--kernel-backend metal` (the GPU arithmetic, computed on the CPU)
@@ -31,8 +31,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from fmtconv.convert.bench_data import DEFAULT_DIR, generate_checkpoint, generate_v3_checkpoint
-from fmtconv.convert.bench_phases import evict_page_cache, fmtconv_command, mlx_lm_command, run_phase_in_child, same_tensors
+from fmtconv.convert.bench.data import DEFAULT_DIR, generate_checkpoint, generate_v3_checkpoint
+from fmtconv.convert.bench.phases import evict_page_cache, fmtconv_command, mlx_lm_command, run_phase_in_child, same_tensors
 
 PHASES = ("fmtconv", "fmtconv_metal", "usual", "copy", "threads", "v3")
 PHASES_ALL = (*PHASES, "mse")  # mse: the fmtconv phase with --encoder mse (not run by default)

@@ -1,0 +1,1 @@
+"""Publishing a bundle: its model card, and the Hugging Face Hub (sources downloaded, bundles uploaded)."""
