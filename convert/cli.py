@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline, a plain copy and mlx_lm.convert; "
                                      "the kernels; or the two encoders")
-    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels", "encoders"])
+    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels", "encoders", "quality", "eval"])
     p.add_argument("--size", type=_parse_size, action="append",
                    help="synthetic checkpoint size (default 4GB); give it twice (e.g. --size 4GB --size 8GB) for the scaling check")
     p.add_argument("--dir", help="where the synthetic checkpoints live (default ./bench-data)")
@@ -352,7 +352,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
     p.add_argument("--kernel-backend", default="cpu", choices=["metal", "cuda", "cpu"],
                    help="encoders bench: the affine arithmetic (default cpu)")
-    p.add_argument("--source", action="append", help="encoders bench: also measure this checkpoint's tensors (repeatable)")
+    p.add_argument("--source", action="extend", nargs="+",
+                   help="encoders bench: also measure these checkpoints' tensors; quality bench: the sources to convert")
+    p.add_argument("--recipes", default="q4q8,mixed_3_6", help="quality bench: comma-separated presets or files, or 'all'")
+    p.add_argument("--encoders", default="minmax,mse", help="quality bench: comma-separated encoders")
+    p.add_argument("--n-tokens", type=int, default=2048, help="quality and eval benches: tokens each bundle is evaluated on "
+                                                               "(default 2048, in sequences of 512)")
     p.add_argument("--bound", action="store_true", help="encoders bench: add an exhaustive search's gain (slow) for dense 4-bit")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
@@ -381,6 +386,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         rows = run_encoder_bench(args.source or [], kernel_backend=args.kernel_backend, bound=args.bound)
         print(json.dumps(rows, indent=2) if args.json else print_encoder_table(rows))
+        return 0
+    if args.what == "eval":
+        from pathlib import Path
+
+        from fmtconv.convert.bench.eval_memory import print_eval_bench, run_eval_bench
+
+        print_eval_bench(run_eval_bench(Path(args.dir) if args.dir else None, n_tokens=min(args.n_tokens, 128), quiet=args.json),
+                         args.json)
+        return 0
+    if args.what == "quality":
+        from fmtconv.convert.bench.quality import print_quality, run_quality_bench
+
+        if not args.source:
+            raise FmtconvError("bench quality needs --source (one or more checkpoints, e.g. --source fixtures/*-tiny)")
+        rows = run_quality_bench(args.source, [r for r in args.recipes.split(",") if r],
+                                 [e for e in args.encoders.split(",") if e], n_tokens=args.n_tokens, seq_len=min(args.n_tokens, 512))
+        print_quality(rows, args.json)
         return 0
     from pathlib import Path
 

@@ -253,7 +253,8 @@ def target_shape(t: TargetTensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+def parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+    """The stored tensors of one module quantized in `mode`: uint32 words, scales and (affine) biases, as MLX loads them."""
     lead, last = shape[:-1], shape[-1]
     words = last * bits // 32
     if mode == "affine":
@@ -373,7 +374,7 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
     else:
         route = REQUANT
     return PlannedTensor(t, route, rule.mode, bits, group, dtype, codec, shape,
-                         _parts_for(t.name, module, rule.mode, bits, group, dtype, shape), rule_desc)
+                         parts_for(t.name, module, rule.mode, bits, group, dtype, shape), rule_desc)
 
 
 __all__ = ["Plan", "PlannedTensor", "build_plan", "read_config", "compute_dtype_of", "COMPUTE_DTYPES", "FP_MODE_PARAMS",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from fmtconv.convert.encode import TensorEncoder
-from fmtconv.convert.plan import COMPUTE_DTYPES, Plan, build_plan, num_layers_of, read_config
+from fmtconv.convert.plan import COMPUTE_DTYPES, Plan, build_plan, num_layers_of
 from fmtconv.convert.recipes import recipe_from_dict
 from fmtconv.convert.runtimes import Runtime, owner_of, runtime_named
 from fmtconv.errors import FmtconvError
@@ -71,10 +71,11 @@ def text_path(model: Any, config: dict[str, Any]) -> TextPath:
         raise FmtconvError(f"cannot find the {n} decoder layers of {type(model).__module__}.{type(model).__name__} "
                            "(no module list of num_hidden_layers entries under the text model)")
     layers_path = min(candidates, key=len)
-    return TextPath(text, root, layers_path, list(_get(model, layers_path)))
+    return TextPath(text, root, layers_path, list(get_submodule(model, layers_path)))
 
 
-def _get(module: Any, path: str) -> Any:
+def get_submodule(module: Any, path: str) -> Any:
+    """The module (or list) at a dotted path."""
     for part in path.split("."):
         module = module[int(part)] if isinstance(module, list) else module[part]
     return module
@@ -83,7 +84,7 @@ def _get(module: Any, path: str) -> Any:
 def set_submodule(root: Any, path: str, value: Any) -> None:
     """Replace the module at a dotted path (dict children and list entries alike)."""
     *parents, last = path.split(".")
-    parent = _get(root, ".".join(parents)) if parents else root
+    parent = get_submodule(root, ".".join(parents)) if parents else root
     if isinstance(parent, list):
         parent[int(last)] = value
     else:
@@ -174,5 +175,53 @@ def check_names(teacher: TeacherWeights, params: dict[str, Any], path: TextPath,
         raise FmtconvError(f"the source does not decode into the bundle's model: {shown}", file=bundle / "config.json")
 
 
-def read_bundle_config(bundle: Path) -> dict[str, Any]:
-    return read_config(Path(bundle))
+class TeacherModel:
+    """The teacher: the runtime's model class built from `config` without quantization, its decoded source weights
+    loaded one decoder layer at a time (the rest of the text model stays resident once `load_outer` ran)."""
+
+    def __init__(self, source: Path, config: dict[str, Any], runtime: Runtime, where: Path):
+        from mlx.utils import tree_flatten
+
+        self.model = build_skeleton(runtime, teacher_config(config))
+        self.path = text_path(self.model, config)
+        self.weights = TeacherWeights(source, config, runtime)
+        try:
+            check_names(self.weights, dict(tree_flatten(self.model.parameters())), self.path, where)
+        except BaseException:
+            self.weights.close()
+            raise
+        self.by_layer: dict[int | None, list[str]] = {}
+        for n in sorted(self.weights.names()):
+            if self.path.in_text(n):
+                self.by_layer.setdefault(self.path.layer_of(n), []).append(n)
+
+    def close(self) -> None:
+        self.weights.close()
+
+    def load_outer(self) -> None:
+        import mlx.core as mx
+
+        self.model.load_weights(self.weights.arrays(self.by_layer.get(None, [])), strict=False)
+        mx.eval(self.model.parameters())
+
+    def load_all(self) -> None:
+        import mlx.core as mx
+
+        self.model.load_weights(self.weights.arrays([n for names in self.by_layer.values() for n in names]), strict=False)
+        mx.eval(self.model.parameters())
+
+    def load_layer(self, i: int) -> Any:
+        """Decode and load layer i; returns what `release_layer` needs to drop it again."""
+        import mlx.core as mx
+
+        layer = self.path.layers[i]
+        saved = layer.parameters()
+        self.model.load_weights(self.weights.arrays(self.by_layer.get(i, [])), strict=False)
+        mx.eval(layer.parameters())
+        return saved
+
+    def release_layer(self, i: int, saved: Any) -> None:
+        import mlx.core as mx
+
+        self.path.layers[i].update(saved, strict=False)
+        mx.clear_cache()

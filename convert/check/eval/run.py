@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from fmtconv.convert.check.eval.report import EvalReport
 from fmtconv.convert.check.eval.tokens import TokenBatch, check_ids
 from fmtconv.convert.naming import module_class
 from fmtconv.convert.plan import read_config
+from fmtconv.convert.process import peak_rss_bytes
 from fmtconv.errors import FmtconvError
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -57,15 +59,10 @@ def _setup(bundle: Path, source: Path, tokens: TokenBatch) -> _Setup:
     if not runtime.installed():
         raise FmtconvError(f"the bundle is written for {runtime.name}, which is not installed (pip install {runtime.name})",
                            file=bundle)
-    lengths = [len(s) for s in tokens.sequences]
-    batch = np.zeros((len(lengths), max(lengths)), dtype=np.int32)
-    for i, s in enumerate(tokens.sequences):
-        batch[i, : len(s)] = s
-        batch[i, len(s) :] = s[-1]  # right padding: causal attention keeps it out of the real positions
-    return _Setup(bundle, source, config, runtime, batch, lengths)
+    return _Setup(bundle, source, config, runtime, tokens.padded(), tokens.lengths)
 
 
-def _logits(runtime: Any, model: Any, batch: np.ndarray) -> np.ndarray:
+def sequence_logits(runtime: Any, model: Any, batch: np.ndarray) -> np.ndarray:
     import mlx.core as mx
 
     out = runtime.sequence_logits(model, mx.array(batch)) if hasattr(runtime, "sequence_logits") else _text_logits(model, batch)
@@ -82,19 +79,17 @@ def _text_logits(model: Any, batch: np.ndarray) -> Any:
     return getattr(out, "logits", out)
 
 
-def _token_stats(setup: _Setup, teacher: np.ndarray, student: np.ndarray) -> dict[str, Any]:
+def token_stats(batch: np.ndarray, lengths: list[int], teacher: np.ndarray, student: np.ndarray) -> dict[str, Any]:
+    """KL, agreement and perplexities of two models' logits on a padded batch (real positions only)."""
     stats = TokenStats()
-    for b, n in enumerate(setup.lengths):
-        stats.add(teacher[b, :n], student[b, :n], [int(t) for t in setup.batch[b, :n]])
+    for b, n in enumerate(lengths):
+        stats.add(teacher[b, :n], student[b, :n], [int(t) for t in batch[b, :n]])
     return stats.summary()
 
 
 def _peak_rss_mb() -> float | None:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1 << 20) if sys.platform == "darwin" else peak / 1024, 1)
+    peak = peak_rss_bytes()
+    return round(peak / (1 << 20), 1) if peak else None
 
 
 class _Student:
@@ -144,7 +139,7 @@ def _student_logits(setup: _Setup, float32: bool, progress: Progress | None) -> 
 
     undo = stream.install_hooks(st.path.layers, hook)
     try:
-        logits = _logits(setup.runtime, st.model, setup.batch)
+        logits = sequence_logits(setup.runtime, st.model, setup.batch)
     finally:
         undo()
     dtype = next((str(v.dtype) for _, v in _flat(st.model.parameters()) if mx.issubdtype(v.dtype, mx.floating)), "float32")
@@ -165,22 +160,12 @@ def _quantizable_paths(layer: Any) -> list[str]:
 def _teacher_pass(setup: _Setup, student_float32: bool, progress: Progress | None) -> tuple[np.ndarray, list[dict[str, Any]], dict[str, float]]:
     import mlx.core as mx
 
-    model = models.build_skeleton(setup.runtime, models.teacher_config(setup.config))
-    path = models.text_path(model, setup.config)
-    teacher = models.TeacherWeights(setup.source, setup.config, setup.runtime)
+    teacher = models.TeacherModel(setup.source, setup.config, setup.runtime, setup.bundle)
     try:
-        from mlx.utils import tree_flatten
-
-        models.check_names(teacher, dict(tree_flatten(model.parameters())), path, setup.bundle)
+        model, path = teacher.model, teacher.path
         st = _Student(setup, student_float32)
-        names = sorted(teacher.names())
-        by_layer: dict[int | None, list[str]] = defaultdict(list)
-        for n in names:
-            if path.in_text(n):
-                by_layer[path.layer_of(n)].append(n)
-        model.load_weights(teacher.arrays(by_layer[None]), strict=False)
+        teacher.load_outer()
         st.load(st.model, st.outer_names())
-        mx.eval(model.parameters())
         n_layers = len(path.layers)
         mask = setup.mask
         rows: list[dict[str, Any]] = [{} for _ in range(n_layers)]
@@ -188,61 +173,84 @@ def _teacher_pass(setup: _Setup, student_float32: bool, progress: Progress | Non
 
         def hook(i: int, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
             layer, s_layer = path.layers[i], st.path.layers[i]
-            saved, s_saved = stream.snapshot(layer), stream.snapshot(s_layer)
-            model.load_weights(teacher.arrays(by_layer[i]), strict=False)
-            mx.eval(layer.parameters())
+            saved, s_saved = teacher.load_layer(i), stream.snapshot(s_layer)
             spare = stream.detached((args, kwargs))
             out = call(*args, **kwargs)
             want = stream.outputs(out)
             mx.eval(want)
-            want_np = [np.array(w.astype(mx.float32)) for w in want]
+            want_np = _numpy(want)
             st.load(s_layer, st.layer_names(i))
-            s_dtype = _float_dtype(s_layer)
-            a, k = stream.cast_floats(stream.detached(spare), s_dtype)
+            a, k = stream.cast_floats(stream.detached(spare), _float_dtype(s_layer))
             got = stream.outputs(s_layer(*a, **k))
             mx.eval(got)
-            row: dict[str, Any] = {"layer": i, "rel_error": relative_error([np.array(g.astype(mx.float32)) for g in got], want_np, mask)}
+            row: dict[str, Any] = {"layer": i, "rel_error": relative_error(_numpy(got), want_np, mask)}
             classes: dict[str, list[str]] = defaultdict(list)
             for p in _quantizable_paths(s_layer):
                 classes[module_class(path.layer_prefix(i) + p)].append(p)
             per_class = {}
             for cls, paths in sorted(classes.items()):
-                mine = {p: models._get(layer, p) for p in paths}
-                for p in paths:
-                    m = models._get(s_layer, p)
-                    m.set_dtype(mx.float32)  # exact widening: the activations stay the teacher's float32
-                    models.set_submodule(layer, p, m)
-                try:
+                with swapped(layer, {p: _as_float32(models.get_submodule(s_layer, p)) for p in paths}):
                     a, k = stream.detached(spare)
                     got_c = stream.outputs(call(*a, **k))
                     mx.eval(got_c)
-                    per_class[cls] = relative_error([np.array(g.astype(mx.float32)) for g in got_c], want_np, mask)
-                finally:
-                    for p, m in mine.items():
-                        models.set_submodule(layer, p, m)
+                per_class[cls] = relative_error(_numpy(got_c), want_np, mask)
             row["classes"] = per_class
             rows[i] = row
             stream.release(s_layer, s_saved)
-            stream.release(layer, saved)
+            teacher.release_layer(i, saved)
             if progress:
                 progress("teacher", i + 1, n_layers)
             return out
 
         undo = [stream.install_hooks(path.layers, hook)]
-        for p, m in model.named_modules():
-            if not path.in_text(p) or path.layer_of(p + ".") is not None or path.layers_path.startswith(p):
-                continue
-            cls = module_class(p)
-            if cls in ("embedding", "head") and "weight" in m:
-                undo.append(stream.install_module_hook(m, _side_hook(cls, models._get(st.model, p), side, mask)))
+        for p, m in side_modules(model, path):
+            undo.append(stream.install_module_hook(m, _side_hook(module_class(p), models.get_submodule(st.model, p), side, mask)))
         try:
-            logits = _logits(setup.runtime, model, setup.batch)
+            logits = sequence_logits(setup.runtime, model, setup.batch)
         finally:
             for u in undo:
                 u()
         return logits, rows, side
     finally:
         teacher.close()
+
+
+def side_modules(model: Any, path: models.TextPath) -> list[tuple[str, Any]]:
+    """The text model's embedding and head modules (outside the decoder layers), with their paths."""
+    out = []
+    for p, m in model.named_modules():
+        if not path.in_text(p) or path.layer_of(p + ".") is not None or path.layers_path.startswith(p):
+            continue
+        if module_class(p) in ("embedding", "head") and "weight" in m:
+            out.append((p, m))
+    return out
+
+
+@contextmanager
+def swapped(root: Any, modules: dict[str, Any]):
+    """Within the block, the modules at these paths (relative to root) are the given ones; then the originals again."""
+    originals = {p: models.get_submodule(root, p) for p in modules}
+    try:
+        for p, m in modules.items():
+            models.set_submodule(root, p, m)
+        yield
+    finally:
+        for p, m in originals.items():
+            models.set_submodule(root, p, m)
+
+
+def _as_float32(module: Any) -> Any:
+    """The module with float32 scales, biases and weights (exact widening): the activations stay the teacher's float32."""
+    import mlx.core as mx
+
+    module.set_dtype(mx.float32)
+    return module
+
+
+def _numpy(arrays: list[Any]) -> list[np.ndarray]:
+    import mlx.core as mx
+
+    return [np.array(a.astype(mx.float32)) for a in arrays]
 
 
 def _side_hook(cls: str, student_module: Any, side: dict[str, float], mask: np.ndarray):
@@ -294,7 +302,7 @@ def evaluate(bundle: str | Path, source: str | Path, tokens: TokenBatch, *, stud
         s_logits, s_dtype = _student_logits(setup, True, progress)
     t_logits, rows, side = _teacher_pass(setup, student_float32, progress)
     report = EvalReport(str(setup.bundle), str(setup.source), setup.runtime.name, setup.runtime.model_module(setup.config),
-                        tokens.source, len(setup.lengths), "float32", s_dtype, _token_stats(setup, t_logits, s_logits),
+                        tokens.source, len(setup.lengths), "float32", s_dtype, token_stats(setup.batch, setup.lengths, t_logits, s_logits),
                         rows, _worst(rows), side.get("embedding"), side.get("head"), notes, teacher_logits=t_logits)
     report.peak_rss_mb = _peak_rss_mb()
     report.seconds = time.perf_counter() - t0
@@ -304,7 +312,6 @@ def evaluate(bundle: str | Path, source: str | Path, tokens: TokenBatch, *, stud
 def evaluate_direct(bundle: str | Path, source: str | Path, tokens: TokenBatch, *, student_float32: bool = False) -> EvalReport:
     """Both whole models in memory, one plain forward each (no hooks): the check on the streamed evaluation."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
 
     t0 = time.perf_counter()
     setup = _setup(bundle, source, tokens)
@@ -313,19 +320,17 @@ def evaluate_direct(bundle: str | Path, source: str | Path, tokens: TokenBatch, 
     if student_float32:
         student.set_dtype(mx.float32)
     mx.eval(student.parameters())
-    s_logits = _logits(setup.runtime, student, setup.batch)
-    model = models.build_skeleton(setup.runtime, models.teacher_config(setup.config))
-    teacher = models.TeacherWeights(setup.source, setup.config, setup.runtime)
+    s_logits = sequence_logits(setup.runtime, student, setup.batch)
+    teacher = models.TeacherModel(setup.source, setup.config, setup.runtime, setup.bundle)
     try:
-        path = models.text_path(model, setup.config)
-        models.check_names(teacher, dict(tree_flatten(model.parameters())), path, setup.bundle)
-        model.load_weights(teacher.arrays(sorted(n for n in teacher.names() if path.in_text(n))), strict=False)
+        teacher.load_all()
     finally:
         teacher.close()
-    t_logits = _logits(setup.runtime, model, setup.batch)
+    model = teacher.model
+    t_logits = sequence_logits(setup.runtime, model, setup.batch)
     s_dtype = "float32" if student_float32 else str(_float_dtype(student)).removeprefix("mlx.core.")
     report = EvalReport(str(setup.bundle), str(setup.source), setup.runtime.name, setup.runtime.model_module(setup.config),
-                        tokens.source, len(setup.lengths), "float32", s_dtype, _token_stats(setup, t_logits, s_logits),
+                        tokens.source, len(setup.lengths), "float32", s_dtype, token_stats(setup.batch, setup.lengths, t_logits, s_logits),
                         mode="direct", teacher_logits=t_logits)
     report.peak_rss_mb = _peak_rss_mb()
     report.seconds = time.perf_counter() - t0

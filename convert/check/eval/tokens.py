@@ -35,6 +35,23 @@ class TokenBatch:
     def count(self) -> int:
         return sum(len(s) for s in self.sequences)
 
+    @property
+    def lengths(self) -> list[int]:
+        return [len(s) for s in self.sequences]
+
+    def padded(self) -> np.ndarray:
+        """[sequences, longest] int32, each sequence right-padded with its last id: causal attention keeps the padding
+        out of every real position (the metrics count only those, see `mask`)."""
+        batch = np.zeros((len(self.sequences), max(self.lengths)), dtype=np.int32)
+        for i, s in enumerate(self.sequences):
+            batch[i, : len(s)] = s
+            batch[i, len(s) :] = s[-1]
+        return batch
+
+    def mask(self) -> np.ndarray:
+        """[sequences, longest] bool: the real (unpadded) positions."""
+        return np.arange(max(self.lengths))[None, :] < np.asarray(self.lengths)[:, None]
+
 
 def chunk(ids: list[int], n_tokens: int, seq_len: int) -> list[list[int]]:
     """The first n_tokens ids cut into sequences of seq_len (the last one shorter); at least two ids each."""
