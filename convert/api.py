@@ -110,10 +110,11 @@ def _write_bundles(bundles: list[tuple[Plan, Path]], cards: list[Callable[[Path]
     for k, (c, card) in enumerate(zip(converters, cards)):
         try:
             c.write(card)
-        except FmtconvError:  # bad input: the bundles written before it are no use without this one
-            for earlier in converters[:k]:
-                earlier.discard()
-            raise
+        except FmtconvError:
+            if not c.partial.exists():  # bad input (its partial removed): the bundles written before it are no use
+                for earlier in converters[:k]:
+                    earlier.discard()
+            raise  # resumable (a full disk): every partial stays for the same call to finish
     summaries = [c.commit(overwrite) for c in converters]
     result = summaries[-1]
     if len(summaries) > 1:

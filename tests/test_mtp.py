@@ -185,6 +185,11 @@ def test_mtp_is_refused_before_anything_is_written(tmp_path):
                           recipe="q4q8", mtp=True)
     assert err.file == str(no_mtp)
     assert not (tmp_path / "out-mtp").exists()
+    bad = rel.copy_fixture(V4.name, tmp_path / "bad")  # bad input in the main model, found after the drafter was written
+    scale = "layers.2.attn.wq_b.scale"
+    rel.poke(rel.shard_of(bad, scale), scale, 0, b"\xff")
+    rel.api_refuses(bad, tmp_path / "bad-out", f"tensor '{scale}'", "E8M0 scale code 255", recipe="q4q8", mtp=True)
+    assert not (tmp_path / "bad-out-mtp").exists() and not (tmp_path / "bad-out-mtp.partial").exists()
 
 
 def test_glm_keeps_dropping_its_mtp_layer_and_its_drafter_names_are_mlx_vlms_splitter(tmp_path):
@@ -228,3 +233,37 @@ def test_mtp_out_puts_the_drafter_where_asked_and_an_existing_one_needs_overwrit
     rel.api_refuses(V4, out, "output exists", recipe="q4q8", mtp=True, mtp_out=draft)
     convert(V4, out, recipe="q4q8", kernel_backend="cpu", mtp=True, mtp_out=draft, overwrite=True, workers=1)
     assert json.loads((draft / "config.json").read_text())["model_type"] == "deepseek_v4_mtp"
+
+
+def test_a_pair_stopped_by_a_full_disk_resumes_into_the_bundles_of_an_uninterrupted_run(tmp_path, monkeypatch):
+    """ENOSPC in the main bundle, after the drafter was written: neither directory appears, both partials stay, and
+    the same call finishes both, the main bundle's finished shards kept, every shard as an uninterrupted run's."""
+    import errno
+
+    from fmtconv.errors import FmtconvError
+    from fmtconv.formats.safetensors_io import PreallocatedSafetensorsWriter
+
+    kw = dict(recipe="q4q8", kernel_backend="cpu", mtp=True, max_shard_bytes=300_000, workers=1)
+    convert(V4, tmp_path / "ref" / "v4", **kw)
+    out = tmp_path / "run" / "v4"
+    real = PreallocatedSafetensorsWriter.write_at
+
+    def full_disk(self, name, offset, data):
+        if self.path.parent.name == "v4.partial" and name.startswith("language_model.model.layers.2."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, name, offset, data)
+
+    monkeypatch.setattr(PreallocatedSafetensorsWriter, "write_at", full_disk)
+    with pytest.raises(FmtconvError, match="disk full while writing"):
+        convert(V4, out, **kw)
+    assert not out.exists() and not out.with_name("v4-mtp").exists()
+    assert (out.parent / "v4-mtp.partial" / "config.json").exists()
+    kept = {f.name: f.stat().st_ino for f in (out.parent / "v4.partial").glob("*.safetensors")}
+    assert kept
+    monkeypatch.setattr(PreallocatedSafetensorsWriter, "write_at", real)
+    convert(V4, out, **kw)
+    assert {n: (out / n).stat().st_ino for n in kept} == kept
+    for name in ("v4", "v4-mtp"):
+        shards = lambda d: {f.name: f.read_bytes() for f in d.glob("*.safetensors")}  # noqa: E731
+        assert shards(out.parent / name) == shards(tmp_path / "ref" / name), name
+    assert not list(out.parent.glob("*.partial"))
