@@ -120,9 +120,10 @@ def render_model_card(
     revision: str | None = None,
     title: str | None = None,
     repo_id: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
     pair: str | None = None,
 ) -> str:
-    """README.md text for a bundle.
+    """README.md text for a bundle (`evaluation`: the `fmtconv eval` report's JSON, when the bundle was evaluated).
 
     config: the written config.json; files_info: `files_info(out_dir)`; verify_summary:
     `VerifyReport.summary_json()` or None (not verified); repo_id: where the bundle will live
@@ -210,6 +211,9 @@ def render_model_card(
             if verify_summary.get("outliers"):
                 out += [f"Below the SQNR threshold: {', '.join(f'`{n}`' for n in verify_summary['outliers'])}.", ""]
 
+    if evaluation:
+        out += _evaluation_section(evaluation)
+
     target = repo_id or "path/to/this/folder"
     draft_kind = (config.get("fmtconv") or {}).get("draft_kind")
     if draft_kind is not None:
@@ -248,6 +252,33 @@ def _speculative_snippets(main: str, draft: str, kind: str) -> list[str]:
             f'model, processor = load("{main}")', f'draft_model, draft_kind = load_drafter("{draft}", kind="{kind}")',
             'print(generate(model, processor, "hello", max_tokens=100, draft_model=draft_model, draft_kind=draft_kind).text)',
             "```", ""]
+
+
+def _evaluation_section(r: Mapping[str, Any]) -> list[str]:
+    f = lambda x, d=4: f"{x:.{d}f}" if isinstance(x, (int, float)) else str(x)  # noqa: E731
+    out = ["## Quality against the source", "",
+           f"`fmtconv eval` ran the source, decoded exactly ({r.get('teacher_dtype')}), and this bundle "
+           f"({r.get('student_dtype')} activations) through `{r.get('model_module')}` on {r.get('tokens')} tokens "
+           f"({r.get('tokens_source')}).", "",
+           "| KL mean (nats/token) | KL p99 | Top-1 agreement | Top-5 | Perplexity, source → bundle |",
+           "|---:|---:|---:|---:|---|",
+           f"| {f(r.get('kl_mean'), 5)} | {f(r.get('kl_p99'), 5)} | {f(r.get('top1'))} | {f(r.get('top5'))} | "
+           f"{f(r.get('ppl_teacher'), 3)} → {f(r.get('ppl_student'), 3)} |", ""]
+    worst = r.get("worst_layers") or {}
+    if worst:
+        out += ["Largest relative output error of a decoder layer with one module class quantized (teacher's input):", "",
+                "| Module class | Layers (error) |", "|---|---|"]
+        out += [f"| {cls} | " + ", ".join(f"{w['layer']} ({f(w['rel_error'])})" for w in rows) + " |" for cls, rows in worst.items()]
+        out.append("")
+    return out
+
+
+def is_fmtconv_card(out_dir: str | Path) -> bool:
+    """Whether the bundle's README.md is a card fmtconv wrote (not a copied source card)."""
+    try:
+        return "\n- fmtconv\n" in (Path(out_dir) / README).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _runtime_of(config: Mapping[str, Any]) -> str:
@@ -296,8 +327,10 @@ def write_model_card(
             source, revision = snap[0], revision or snap[1]
     if verify_summary is None and run_verify:
         verify_summary = verify_bundle(out).summary_json()
+    from fmtconv.convert.check.eval import read_report
+
     text = render_model_card(config, source, recipe_name, verify_summary, files_info(out), revision=revision,
-                             title=out.name.removesuffix(".partial"), repo_id=repo_id, pair=pair)
+                             title=out.name.removesuffix(".partial"), repo_id=repo_id, evaluation=read_report(out), pair=pair)
     path = out / README
     tmp = path.with_name(README + ".tmp")
     tmp.write_text(text)
@@ -305,4 +338,4 @@ def write_model_card(
     return path
 
 
-__all__ = ["FilesInfo", "README", "files_info", "render_model_card", "write_model_card"]
+__all__ = ["FilesInfo", "README", "files_info", "is_fmtconv_card", "render_model_card", "write_model_card"]
