@@ -28,11 +28,19 @@ def plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     encoder: str = "minmax",
     runtime: str | None = None,
+    mtp: bool = False,
 ) -> Plan:
     """The conversion plan, nothing written (`runtime`: mlx-lm / mlx-vlm; default, the one that owns the model_type;
-    `encoder`: the affine encoder of rules that name none, "minmax" | "mse")."""
+    `encoder`: the affine encoder of rules that name none, "minmax" | "mse"; `mtp`: also the drafter bundle of the
+    release's MTP layer, as `Plan.drafter`, counted in `Plan.bytes_with_drafter`)."""
     return build_plan(src, resolve_recipe(recipe), compute_dtype=compute_dtype, kernel_backend=kernel_backend,
-                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder)
+                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder,
+                      mtp=mtp)
+
+
+def drafter_out(out: str | Path, mtp_out: str | Path | None = None) -> Path:
+    """Where `--mtp` writes the drafter bundle: `mtp_out`, else OUT-mtp next to OUT."""
+    return Path(mtp_out) if mtp_out is not None else Path(out).with_name(Path(out).name + "-mtp")
 
 
 def convert(
@@ -52,28 +60,95 @@ def convert(
     model_card: bool = True,
     progress: Callable[[int, int], None] | None = None,
     encoder: str = "minmax",
+    mtp: bool = False,
+    mtp_out: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Convert SRC into an MLX bundle at OUT; returns the run summary. Resumes an interrupted run."""
-    from fmtconv.convert.pipeline import Converter, check_out_path
+    """Convert SRC into an MLX bundle at OUT; returns the run summary. Resumes an interrupted run.
+
+    `mtp`: also write the drafter bundle of the release's MTP layer, for speculative decoding, to `mtp_out` (default
+    OUT-mtp), through the same plan, recipe and checks; the summary's "drafter" entry describes it.  Both bundles are
+    checked before either is written, and both are renamed into place only once both are complete.
+    """
+    from fmtconv.convert.pipeline import check_out_path
 
     check_out_path(Path(src), Path(out), overwrite)
+    draft = drafter_out(out, mtp_out) if mtp else None
+    if draft is not None:
+        check_out_path(Path(src), draft, overwrite)
+        _check_apart(Path(out), draft)
     p = plan(src, recipe, compute_dtype=compute_dtype, kernel_backend=kernel_backend, rounding=rounding,
-             family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder)
-    extra = _model_card_writer(p) if model_card else None
+             family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder, mtp=mtp)
+    bundles = [(p.drafter, draft)] if p.drafter is not None and draft is not None else []
+    bundles.append((p, Path(out)))  # the drafter first: small, and a failure there costs little
+    cards = [_model_card_writer(q, pair) if model_card else None for q, pair in ((b, _pair(b, p, out, draft)) for b, _ in bundles)]
     if progress is None and not quiet and sys.stderr.isatty():
         from fmtconv.convert.progress import RichProgress
 
-        with RichProgress(p.total_bytes, len(p.tensors), f"converting {Path(src).name}") as bar:
-            return Converter(p, Path(out), workers=workers, progress=bar.update,
-                             tensor_progress=bar.update_tensors).run(overwrite=overwrite, extra_files=extra)
-    return Converter(p, Path(out), workers=workers, progress=progress).run(overwrite=overwrite, extra_files=extra)
+        with RichProgress(p.bytes_with_drafter, sum(len(b.tensors) for b, _ in bundles), f"converting {Path(src).name}") as bar:
+            return _write_bundles(bundles, cards, overwrite, workers, bar.update, bar.update_tensors)
+    return _write_bundles(bundles, cards, overwrite, workers, progress, None)
 
 
-def _model_card_writer(p: Plan) -> Callable[[Path], None]:
+def _write_bundles(bundles: list[tuple[Plan, Path]], cards: list[Callable[[Path], None] | None], overwrite: bool,
+                   workers: int | None, progress: Callable[[int, int], None] | None,
+                   tensor_progress: Callable[[int, int], None] | None) -> dict[str, Any]:
+    """Check every bundle, write each into its OUT.partial, then rename them all; the main bundle's summary, with the
+    drafter's under "drafter".  Progress counts every bundle's bytes and tensors as one run."""
+    from fmtconv.convert.pipeline import Converter
+
+    total_bytes = sum(b.total_bytes for b, _ in bundles)
+    total_tensors = sum(len(b.tensors) for b, _ in bundles)
+    converters = []
+    done_bytes = done_tensors = 0
+    for b, out in bundles:
+        converters.append(Converter(b, out, workers=workers, progress=_offset(progress, done_bytes, total_bytes),
+                                    tensor_progress=_offset(tensor_progress, done_tensors, total_tensors)))
+        done_bytes += b.total_bytes
+        done_tensors += len(b.tensors)
+    for c in converters:
+        c.check(overwrite)
+    for k, (c, card) in enumerate(zip(converters, cards)):
+        try:
+            c.write(card)
+        except FmtconvError:
+            if not c.partial.exists():  # bad input (its partial removed): the bundles written before it are no use
+                for earlier in converters[:k]:
+                    earlier.discard()
+            raise  # resumable (a full disk): every partial stays for the same call to finish
+    summaries = [c.commit(overwrite) for c in converters]
+    result = summaries[-1]
+    if len(summaries) > 1:
+        result["drafter"] = summaries[0]
+    return result
+
+
+def _offset(report: Callable[[int, int], None] | None, before: int, total: int) -> Callable[[int, int], None] | None:
+    """A bundle's (done, its total) progress reported as (done + what earlier bundles did, every bundle's total)."""
+    if report is None:
+        return None
+    return lambda done, _total: report(before + done, total)
+
+
+def _check_apart(out: Path, draft: Path) -> None:
+    """The drafter bundle beside OUT, not OUT itself, inside it or around it."""
+    o, d = out.resolve(), draft.resolve()
+    if d == o or o in d.parents or d in o.parents:
+        raise FmtconvError("the drafter bundle (--mtp-out) must be a directory of its own, not the output, inside it or "
+                           "around it", file=draft)
+
+
+def _pair(bundle: Plan, main: Plan, out: str | Path, draft: Path | None) -> str | None:
+    """For a model card: the other bundle of a main + drafter pair (its folder name), else None."""
+    if draft is None:
+        return None
+    return draft.name if bundle is main else Path(out).name
+
+
+def _model_card_writer(p: Plan, pair: str | None = None) -> Callable[[Path], None]:
     def write(partial: Path) -> None:
         from fmtconv.convert.publish.model_card import write_model_card
 
-        write_model_card(partial, p)
+        write_model_card(partial, p, pair=pair)
 
     return write
 

@@ -82,28 +82,40 @@ def _plan_from_args(args: argparse.Namespace):
 
     _resolve_src(args)
     return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, runtime=args.runtime, encoder=args.encoder)
+                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, runtime=args.runtime, encoder=args.encoder,
+                mtp=args.mtp)
 
 
-def _print_plan(p, console) -> None:
+def _plan_table(p, title: str):
     from rich.table import Table
 
-    table = Table(title=f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family} for {p.runtime} "
-                        f"({p.model_module}), {p.compute_dtype}")
+    table = Table(title=title)
     for col in ("module pattern", "mode", "bits", "group", "dtype", "route", "count", "params", "bytes"):
         table.add_column(col, overflow="fold", justify="right" if col in ("bits", "group", "count", "params", "bytes") else "left")
     for r in p.table():
         quant = r["mode"] != "dense"
         table.add_row(r["pattern"], r["mode"], str(r["bits"]) if quant else "-", str(r["group_size"]) if quant else "-",
                       r["dtype"], r["route"], str(r["count"]), f"{r['params']:,}", human_bytes(r["bytes"]))
-    console.print(table)
+    return table
+
+
+def _print_plan(p, console) -> None:
+    console.print(_plan_table(p, f"plan: {p.source} -> recipe {p.recipe.name}, layout {p.layout.family} for {p.runtime} "
+                                 f"({p.model_module}), {p.compute_dtype}"))
     console.print(f"total {human_bytes(p.total_bytes)} in {len(p.shards)} shard(s) from {human_bytes(p.source_bytes)}; "
                   f"{p.total_params:,} parameters, {p.bits_per_weight:.3f} bits per weight")
     for label, n in sorted(p.bit_distribution().items()):
         console.print(f"  {label:18s} {n / max(p.total_params, 1):7.2%} of parameters")
     if p.dropped:
         patterns = ", ".join(f"{k} (x{n})" for k, n in p.dropped_patterns().items())
-        console.print(f"dropped {len(p.dropped)} source tensor(s) {p.runtime} does not load: {patterns}")
+        console.print(f"dropped {len(p.dropped)} source tensor(s) {p.runtime} does not load: {patterns}"
+                      + (" (the MTP layer's go to the drafter bundle)" if p.drafter is not None else ""))
+    if p.drafter is not None:
+        d = p.drafter
+        console.print(_plan_table(d, f"drafter (--mtp): the MTP layer, layout {d.layout.family} for {d.runtime} ({d.model_module})"))
+        console.print(f"drafter {human_bytes(d.total_bytes)} in {len(d.shards)} shard(s); {d.total_params:,} parameters, "
+                      f"{d.bits_per_weight:.3f} bits per weight")
+        console.print(f"total with the drafter {human_bytes(p.bytes_with_drafter)} in {len(p.shards) + len(d.shards)} shard(s)")
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -120,6 +132,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from fmtconv.convert.api import convert
 
+    if args.mtp_out and not args.mtp:
+        raise FmtconvError("--mtp-out names where the drafter bundle goes; it needs --mtp")
     _resolve_src(args)
     recipe = _recipe_for(args)
     if args.command in ("mxfp4-to-affine", "fp8-to-affine") and not args.recipe:
@@ -135,13 +149,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
                      rounding=args.rounding, family=args.family, runtime=args.runtime, overwrite=args.overwrite, quiet=args.quiet or args.json,
                      workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card,
-                     encoder=args.encoder)
+                     encoder=args.encoder, mtp=args.mtp, mtp_out=args.mtp_out)
     if not args.json and not args.quiet:
         console = _console()
         console.print(f"wrote {result['output']}: {result['tensors']} tensors in {result['shards']} shard(s), "
                       f"{human_bytes(result['bytes_in'])} in -> {human_bytes(result['bytes_out'])} out, "
                       f"{result['bits_per_weight']:.3f} bits per weight, {result['wall_s']:.1f} s "
                       f"({(result['params_per_s'] or 0) / 1e6:.1f} Mparam/s)")
+        if "drafter" in result:
+            d = result["drafter"]
+            console.print(f"wrote the drafter {d['output']}: {d['tensors']} tensors in {d['shards']} shard(s), "
+                          f"{human_bytes(d['bytes_out'])}, {d['bits_per_weight']:.3f} bits per weight")
         for w in result["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {w}")
     if args.eval:
@@ -265,7 +283,11 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--revision", help="hub revision when SRC is a repo id (org/name)")
     p.add_argument("--cache-dir", help="hub cache directory (default: the standard huggingface_hub cache)")
+    p.add_argument("--mtp", action="store_true",
+                   help="also convert the release's multi-token-prediction layer into a drafter bundle for mlx-vlm's "
+                        "speculative decoding (DeepSeek-V4-Flash; the recipe's rules match the drafter's module paths)")
     if with_out:
+        p.add_argument("--mtp-out", help="where --mtp writes the drafter bundle (default: OUT-mtp next to OUT)")
         p.add_argument("--upload-repo", help="upload OUT to this hub repo after a successful verify")
         p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
         p.add_argument("--quiet", action="store_true", help="no progress display")

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fmtconv import __version__
-from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
+from fmtconv.convert.layouts import ModelLayout, TargetTensor, drafter_layout_for, layout_for
 from fmtconv.convert.naming import module_pattern
 from fmtconv.convert.recipes import ENCODERS, FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
@@ -80,6 +80,8 @@ class Plan:
     source_files: dict[str, tuple[int, int]]  # file name -> (size, mtime_ns), to detect changes
     source_bytes: int
     encoder: str = "minmax"  # the run's default affine encoder (a rule's `encoder` overrides it)
+    # `--mtp`: the drafter bundle's own plan (its layout, tensors and shards; written to OUT-mtp), else None.
+    drafter: Plan | None = None
 
     @property
     def shard_files(self) -> list[str]:
@@ -87,7 +89,13 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of this bundle's shards (the main bundle alone; see bytes_with_drafter)."""
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bytes_with_drafter(self) -> int:
+        """Bytes of every bundle the run writes: this one's, plus the drafter's with `--mtp` (what a size budget counts)."""
+        return self.total_bytes + (self.drafter.total_bytes if self.drafter is not None else 0)
 
     @property
     def total_params(self) -> int:
@@ -108,7 +116,7 @@ class Plan:
         """The runtime's model module that will load the bundle, e.g. mlx_vlm.models.deepseek_v4."""
         from fmtconv.convert.runtimes import runtime_named
 
-        return runtime_named(self.runtime).model_module(self.config)
+        return runtime_named(self.runtime).model_module(self.layout.output_config(self.config))
 
     def weight_map(self) -> dict[str, str]:
         names = self.shard_files
@@ -123,7 +131,7 @@ class Plan:
         (g, b, m), _ = Counter(key(t) for t in quant).most_common(1)[0]
         q: dict[str, Any] = {"group_size": g, "bits": b, "mode": m}
         for t in quant:
-            if key(t) != (g, b, m):
+            if key(t) != (g, b, m) or self.layout.draft_kind is not None:  # a drafter's: every module by its path
                 q[t.target.module] = {"group_size": t.group_size, "bits": t.bits, "mode": t.mode}
         return q
 
@@ -172,6 +180,13 @@ class Plan:
         return dict(dist)
 
     def to_json(self) -> dict[str, Any]:
+        out = self._json()
+        if self.drafter is not None:
+            out["drafter"] = self.drafter._json()
+            out["total_bytes_with_drafter"] = self.bytes_with_drafter
+        return out
+
+    def _json(self) -> dict[str, Any]:
         return {
             "source": str(self.source),
             "recipe": self.recipe.name,
@@ -265,6 +280,18 @@ def parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: s
     return [TensorSpec(f"{module}.weight", "U32", (*lead, words)), TensorSpec(f"{module}.scales", "U8", (*lead, last // group))]
 
 
+@dataclass
+class _Source:
+    """What planning reads from the source once, whichever layouts plan from it."""
+
+    path: Path
+    config: dict[str, Any]
+    groups: list[Any]  # fmtconv.formats.base.SourceGroup
+    stored: dict[str, str]  # tensor name -> stored safetensors dtype
+    files: dict[str, tuple[int, int]]
+    nbytes: int
+
+
 def build_plan(
     src: str | Path,
     recipe: Recipe,
@@ -276,8 +303,10 @@ def build_plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     encoder: str = "minmax",
     runtime: str | None = None,
+    mtp: bool = False,
 ) -> Plan:
-    """Plan a conversion without writing anything (`runtime`: default, the one that owns the model_type)."""
+    """Plan a conversion without writing anything (`runtime`: default, the one that owns the model_type; `mtp`: also
+    plan the drafter bundle of the release's MTP layer, as `Plan.drafter`, with the same recipe and settings)."""
     from fmtconv.formats.grouping import find_groups
 
     src = Path(src)
@@ -292,36 +321,51 @@ def build_plan(
     config = read_config(src)
     dtype = compute_dtype_of(config, compute_dtype)
     layout = layout_for(config, family, runtime)
+    drafter_layout = drafter_layout_for(layout) if mtp else None
     with Checkpoint(src) as ck:
-        groups = find_groups(ck.tensors, config)
-        source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
-        source_bytes = sum(i.nbytes for i in ck.tensors.values())
-        stored = {name: info.dtype for name, info in ck.tensors.items()}
+        source = _Source(src, config, find_groups(ck.tensors, config), {name: info.dtype for name, info in ck.tensors.items()},
+                         {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())},
+                         sum(i.nbytes for i in ck.tensors.values()))
+    settings = dict(dtype=dtype, kernel_backend=kernel_backend, rounding=rounding, max_shard_bytes=max_shard_bytes, encoder=encoder)
+    main, modules = _plan_layout(layout, source, recipe, **settings)
+    if drafter_layout is not None:
+        main.drafter, drafter_modules = _plan_layout(drafter_layout, source, recipe, **settings)
+        modules += drafter_modules
+    for pattern in recipe.unused_rules(modules):  # a rule for the drafter's modules alone is used
+        main.warnings.append(f"recipe rule match {pattern!r} selects no module")
+    return main
+
+
+def _plan_layout(layout: ModelLayout, source: _Source, recipe: Recipe, *, dtype: str, kernel_backend: str, rounding: str,
+                 max_shard_bytes: int, encoder: str) -> tuple[Plan, list[str]]:
+    """One bundle's plan: `layout`'s targets from the source, each given its route, target and shard; and the module
+    paths the recipe was asked about (dropped by a rule included)."""
+    config = source.config
     try:
-        targets, dropped = layout.targets(groups, config)
+        targets, dropped = layout.targets(source.groups, config)
     except KeyError as e:  # layouts index config.json directly for the fields they cannot do without
         key = e.args[0] if e.args else None
         if not isinstance(key, str) or key in config or key in (config.get("text_config") or {}):
             raise
-        raise FmtconvError(f"has no {key!r}; the {layout.family} layout needs it", file=src / "config.json") from None
+        raise FmtconvError(f"has no {key!r}; the {layout.family} layout needs it", file=source.path / "config.json") from None
+    except FmtconvError as e:
+        if e.file is None and e.tensor is None:  # a layout's refusal of the source as a whole
+            raise FmtconvError(str(e), file=source.path) from None
+        raise
     n_layers = num_layers_of(config)
     warnings: list[str] = []
-    planned: list[PlannedTensor] = []
-    for t in targets:
-        planned.append(_with_encoder(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored), recipe, n_layers, encoder))
-    for pattern in recipe.unused_rules(t.target.module for t in planned):
-        warnings.append(f"recipe rule match {pattern!r} selects no module")
+    planned = [_with_encoder(_plan_one(t, recipe, dtype, n_layers, warnings, layout, source.stored), recipe, n_layers, encoder)
+               for t in targets]
     kept = [p for p in planned if p.route != DROP]
     dropped = list(dropped) + [s.name for p in planned if p.route == DROP for s in p.target.sources]
-    specs = [spec for p in kept for spec in p.parts]
     seen: set[str] = set()
-    for s in specs:
-        if s.name in seen:
-            raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
-        seen.add(s.name)
+    for spec in (spec for p in kept for spec in p.parts):
+        if spec.name in seen:
+            raise FmtconvError(f"the layout maps two weights onto output tensor {spec.name!r}", file=source.path, tensor=spec.name)
+        seen.add(spec.name)
     shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
-    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes,
-                encoder)
+    return (Plan(source.path, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source.files,
+                 source.nbytes, encoder), [t.target.module for t in planned])
 
 
 def _with_encoder(pt: PlannedTensor, recipe: Recipe, n_layers: int, default: str) -> PlannedTensor:

@@ -21,6 +21,8 @@ from fmtconv.errors import FmtconvError
 
 # model_type -> the runtime that owns it, where that is not mlx-lm (shared/releases/README.md).
 _OWNERS = {"deepseek_v4": "mlx-vlm", "step3p7": "mlx-vlm"}
+# Where mlx-vlm looks for a model_type's module, in order (mlx_vlm.utils.get_model_and_args).
+_VLM_MODEL_PACKAGES = ("models", "speculative.drafters")
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,26 @@ class Runtime:
         return get_model_type(dict(config)) or model_type
 
     def model_module(self, config: dict[str, Any]) -> str:
-        return f"{self.package}.models.{self.model_type(config)}"
+        """The module that holds the model class; mlx-vlm also looks among its speculative drafters
+        (mlx_vlm.utils.get_model_and_args: `models.X`, then `speculative.drafters.X`)."""
+        model_type = self.model_type(config)
+        if self.package == "mlx_vlm" and self.installed():
+            for pkg in _VLM_MODEL_PACKAGES:
+                if importlib.util.find_spec(f"mlx_vlm.{pkg}.{model_type}") is not None:
+                    return f"mlx_vlm.{pkg}.{model_type}"
+        return f"{self.package}.models.{model_type}"
 
     def has_model(self, config: dict[str, Any]) -> bool:
         """Whether this runtime is installed and has a model module for the config's model_type."""
         return self.installed() and importlib.util.find_spec(self.model_module(config)) is not None
+
+    def has_model_class(self, model_type: str) -> bool:
+        """Whether the runtime's module for `model_type` defines the `Model` class its loader builds (a module can
+        exist with only a config, as mlx-vlm 0.7.10's glm4_moe_lite_mtp drafter does)."""
+        config = {"model_type": model_type}
+        if not self.has_model(config):
+            return False
+        return hasattr(importlib.import_module(self.model_module(config)), "Model")
 
     def load_lazily(self, bundle: Path) -> tuple[Any, dict[str, Any]]:
         """The runtime's own `load_model(bundle, lazy=True)`, stopped before it installs the weights.

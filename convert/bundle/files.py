@@ -40,14 +40,16 @@ def output_config(plan: Plan) -> dict[str, Any]:
         config.pop(key, None)
     text = config.get("text_config")
     if isinstance(text, dict):
+        config["text_config"] = text = dict(text)  # the plan's source config stays as read
         text.pop("quantization_config", None)
     q = plan.quantization()
     if q:
         config["quantization"] = q
         config["quantization_config"] = q
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = plan.compute_dtype
+    for c in (config, text if isinstance(text, dict) else {}):
+        for key in ("torch_dtype", "dtype"):
+            if key in c:
+                c[key] = plan.compute_dtype
     config["fmtconv"] = {
         "version": __version__,
         "source": str(plan.source),
@@ -60,4 +62,6 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "encoder": plan.encoder,
         "encoders": plan.encoder_patterns(),
     }
+    if plan.layout.draft_kind is not None:  # a drafter bundle (`--mtp`): how mlx-vlm runs it
+        config["fmtconv"]["draft_kind"] = plan.layout.draft_kind
     return config

@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,15 +60,23 @@ class Conformance:
                 "seconds": round(self.seconds, 3)}
 
 
-def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = None, *, require_model: bool = True) -> Conformance:
+def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = None, *, require_model: bool = True,
+                 uncast: Callable[[str], bool] | None = None) -> Conformance:
     """Run the runtime's loader on `bundle` (a directory with config.json and shards) and compare.
 
     require_model=False (a model type no fmtconv layout claims): a runtime without that model skips the
-    check with the reason, instead of failing it.
+    check with the reason, instead of failing it.  uncast: for a model class that declares no cast_predicate,
+    the names its runtime keeps in their stored dtype all the same; by default, a drafter's layout's (a drafter
+    built from the main model's blocks keeps what the main model's predicate keeps), else none.
     """
     t0 = time.perf_counter()
     runtime = runtime_named(runtime) if isinstance(runtime, str) else runtime
     config = json.loads((Path(bundle) / "config.json").read_text())
+    if uncast is None:
+        from fmtconv.convert.layouts import drafter_layout_named
+
+        drafter = drafter_layout_named(config.get("model_type"))
+        uncast = drafter.keeps_source_dtype if drafter is not None else None
     report = Conformance(runtime.name, runtime.model_module(config))
     if not runtime.installed():
         report.skipped = (f"{runtime.name} is not installed, so the bundle was not checked against {report.model_module} "
@@ -87,7 +96,7 @@ def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = N
         report.problems.append(f"{runtime.name}'s loader refuses the bundle: {type(e).__name__}: {e}")
         report.seconds = time.perf_counter() - t0
         return report
-    report.problems += compare(model, weights, config, intent)
+    report.problems += compare(model, weights, config, intent, uncast)
     report.tensors = len(weights)
     report.quantized_modules = sum(1 for _, m in model.named_modules() if _quantized(m))
     report.seconds = time.perf_counter() - t0
@@ -143,13 +152,14 @@ def enforce(report: Conformance, where: Path | None = None) -> Conformance:
     return report
 
 
-def compare(model: Any, weights: dict[str, Any], config: dict[str, Any], intent: Intent | None) -> list[str]:
+def compare(model: Any, weights: dict[str, Any], config: dict[str, Any], intent: Intent | None,
+            uncast: Callable[[str], bool] | None = None) -> list[str]:
     """Every difference between the runtime's model (built and quantized by its loader) and the weights."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     params = dict(tree_flatten(model.parameters()))
-    cast = getattr(model, "cast_predicate", None) or (lambda _k: True)
+    cast = getattr(model, "cast_predicate", None) or ((lambda k: not uncast(k)) if uncast else (lambda _k: True))
     dtype = _compute_dtype(config)
     problems = [f"missing tensor {k} ({_desc(params[k])} in the runtime's model)" for k in sorted(set(params) - set(weights))]
     problems += [f"tensor {k} ({_desc(weights[k])}) is not in the runtime's model" for k in sorted(set(weights) - set(params))]

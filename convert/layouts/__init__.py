@@ -13,6 +13,11 @@ from fmtconv.errors import FmtconvError
 
 # One module per family and runtime; each defines one ModelLayout subclass with its model_types.
 _FAMILY_MODULES = ("deepseek_v4", "deepseek_v41", "deepseek_v3", "gpt_oss", "step3p7", "step3p5", "glm4_moe_lite", "qwen3_moe")
+# Releases with a trained MTP layer (`--mtp`): main layout family -> (release, the drafter model_type of the runtime
+# that runs it, mlx-vlm's speculative/drafters), and fmtconv's drafter layout module per drafter model_type.
+DRAFTERS = {"deepseek_v4": ("DeepSeek-V4-Flash", "deepseek_v4_mtp"), "glm4_moe_lite": ("GLM-4.7-Flash", "glm4_moe_lite_mtp")}
+_DRAFTER_LAYOUTS = {"deepseek_v4_mtp": "deepseek_v4_mtp", "glm4_moe_lite_mtp": "glm4_moe_lite_mtp"}
+_DRAFTER_RUNTIME = "mlx-vlm"
 
 
 def all_layouts() -> list[type[ModelLayout]]:
@@ -55,6 +60,39 @@ def layout_for(config: dict[str, Any], family: str | None = None, runtime: str |
     return same[0]() if same else _for_runtime(candidates[0], want, model_type)
 
 
+def drafter_layout_for(main: ModelLayout) -> ModelLayout:
+    """The drafter bundle's layout for the MTP layer of `main`'s release (`--mtp`).
+
+    Refused, before anything is read or written, for a family without a drafter, and where the runtime has no
+    drafter model class to load and check the bundle with (detected in the installed runtime, not assumed from its
+    version; without the runtime installed there is no telling, and nothing to run the drafter with).
+    """
+    if main.family not in DRAFTERS:
+        have = ", ".join(f"{release} ({family})" for family, (release, _) in DRAFTERS.items())
+        raise FmtconvError(f"--mtp: the {main.family} layout has no drafter for its MTP layer; the families with one are {have}")
+    release, drafter = DRAFTERS[main.family]
+    runtime = runtime_named(_DRAFTER_RUNTIME)
+    if not runtime.installed():
+        raise FmtconvError(f"--mtp: the {release} drafter bundle is for {runtime.name}'s {drafter} drafter model, and "
+                           f"{runtime.name} is not installed to check it against (pip install {runtime.name})")
+    if not runtime.has_model_class(drafter):
+        raise FmtconvError(f"--mtp: {runtime.name} {runtime.version()} has no {drafter} drafter model "
+                           f"(mlx_vlm.speculative.drafters.{drafter} defines no Model class), so a {release} drafter "
+                           "bundle could not be loaded, checked or run; nothing was written")
+    layout = drafter_layout_named(drafter)
+    assert layout is not None, drafter  # every drafter in DRAFTERS has its layout module
+    return layout
+
+
+def drafter_layout_named(model_type: Any) -> ModelLayout | None:
+    """fmtconv's layout for a drafter model_type (e.g. deepseek_v4_mtp), None for any other model_type."""
+    if model_type not in _DRAFTER_LAYOUTS:
+        return None
+    mod = importlib.import_module(f"fmtconv.convert.layouts.{_DRAFTER_LAYOUTS[model_type]}")
+    return next(obj() for obj in vars(mod).values()
+                if isinstance(obj, type) and issubclass(obj, ModelLayout) and model_type in obj.model_types)
+
+
 def _for_runtime(cls: type[ModelLayout], runtime: str, model_type: Any) -> ModelLayout:
     if cls.runtime == runtime:
         return cls()
@@ -64,4 +102,4 @@ def _for_runtime(cls: type[ModelLayout], runtime: str, model_type: Any) -> Model
                        f"written for {cls.runtime}'s module tree, which {runtime}'s model does not share")
 
 
-__all__ = ["ModelLayout", "TargetTensor", "GenericLayout", "MlxVlmWrapped", "all_layouts", "layout_for"]
+__all__ = ["DRAFTERS", "ModelLayout", "TargetTensor", "GenericLayout", "MlxVlmWrapped", "all_layouts", "drafter_layout_for", "drafter_layout_named", "layout_for"]

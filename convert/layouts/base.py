@@ -53,6 +53,9 @@ class ModelLayout:
     # Module-path prefixes of vision towers and projectors: a runtime's own converter keeps them dense,
     # and so do fmtconv's recipes unless a rule names them explicitly.
     multimodal_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Drafter layouts (`--mtp`): the runtime's speculative-decoding kind ("mtp"); None for a model's own layout.
+    # A drafter's config lists every quantized module explicitly (mlx-vlm applies a bare default only by heuristics).
+    draft_kind: ClassVar[str | None] = None
 
     def keeps_source_dtype(self, name: str) -> bool:
         return any(s in name for s in self.uncast)
@@ -76,6 +79,15 @@ class ModelLayout:
     def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The source config adjusted for the runtime (quantization blocks are the converter's job)."""
         return dict(config)
+
+
+def drafter_config(model_type: str, text: dict[str, Any]) -> dict[str, Any]:
+    """A drafter bundle's config.json, with the keys mlx-vlm's MTP splitter writes (speculative/drafters/mtp_split.py):
+    the drafter's model_type, the main model's config as `text_config`, and `block_size` at the drafter configs' own
+    default (one drafted token per MTP layer, plus the verified one)."""
+    return {"model_type": model_type, "torch_dtype": text.get("torch_dtype", "bfloat16"), "text_config": text,
+            "block_size": int(text.get("num_nextn_predict_layers", 1)) + 1,
+            "tie_word_embeddings": bool(text.get("tie_word_embeddings", False))}
 
 
 def stacked_experts(

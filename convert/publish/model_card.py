@@ -121,12 +121,14 @@ def render_model_card(
     title: str | None = None,
     repo_id: str | None = None,
     evaluation: Mapping[str, Any] | None = None,
+    pair: str | None = None,
 ) -> str:
     """README.md text for a bundle (`evaluation`: the `fmtconv eval` report's JSON, when the bundle was evaluated).
 
     config: the written config.json; files_info: `files_info(out_dir)`; verify_summary:
     `VerifyReport.summary_json()` or None (not verified); repo_id: where the bundle will live
-    (used in the snippet; else the title).
+    (used in the snippet; else the title); pair: the folder name of the other bundle of a main model +
+    drafter pair (`--mtp`), for the speculative-decoding snippet.
     """
     entries = bundle_modules(config, files_info.tensors)
     rows = pattern_table(entries)
@@ -213,7 +215,10 @@ def render_model_card(
         out += _evaluation_section(evaluation)
 
     target = repo_id or "path/to/this/folder"
-    if runtime == "mlx-vlm":
+    draft_kind = (config.get("fmtconv") or {}).get("draft_kind")
+    if draft_kind is not None:
+        out += _drafter_usage(config, main=f"path/to/{pair}" if pair else "path/to/the/main/model", draft=target, kind=draft_kind)
+    elif runtime == "mlx-vlm":
         out += ["## Use with mlx-vlm", "", "```bash", "pip install mlx-vlm", "```", "", "```python",
                 "from mlx_vlm import generate, load", "", f'model, processor = load("{target}")',
                 'print(generate(model, processor, "hello", max_tokens=100).text)', "```", ""]
@@ -223,7 +228,30 @@ def render_model_card(
                 'messages = [{"role": "user", "content": "hello"}]',
                 "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
                 "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", ""]
+    if draft_kind is None and pair:
+        out += ["## Speculative decoding", "",
+                f"The model's multi-token-prediction layer was converted beside it, as the drafter bundle `{pair}`.", ""]
+        out += _speculative_snippets(target, f"path/to/{pair}", "mtp")
     return "\n".join(out)
+
+
+def _drafter_usage(config: Mapping[str, Any], main: str, draft: str, kind: str) -> list[str]:
+    """The drafter bundle's usage: what it is, and mlx-vlm's speculative decoding with the main model."""
+    text = config.get("text_config") or {}
+    return ["## Use as a speculative-decoding drafter with mlx-vlm", "",
+            f"This bundle is the multi-token-prediction layer of a `{text.get('model_type', 'model')}` release, for "
+            f"mlx-vlm's `{config.get('model_type')}` drafter. It has no embedding or head of its own: it borrows the main "
+            "model's, drafts tokens, and the main model verifies them, so greedy output is the main model's own, token for token.",
+            ""] + _speculative_snippets(main, draft, kind)
+
+
+def _speculative_snippets(main: str, draft: str, kind: str) -> list[str]:
+    return ["```bash", "pip install mlx-vlm",
+            f'python -m mlx_vlm generate --model {main} --draft-model {draft} --draft-kind {kind} --prompt "hello" --max-tokens 100',
+            "```", "", "```python", "from mlx_vlm import generate, load", "from mlx_vlm.speculative.drafters import load_drafter", "",
+            f'model, processor = load("{main}")', f'draft_model, draft_kind = load_drafter("{draft}", kind="{kind}")',
+            'print(generate(model, processor, "hello", max_tokens=100, draft_model=draft_model, draft_kind=draft_kind).text)',
+            "```", ""]
 
 
 def _evaluation_section(r: Mapping[str, Any]) -> list[str]:
@@ -270,6 +298,7 @@ def write_model_card(
     revision: str | None = None,
     repo_id: str | None = None,
     run_verify: bool = True,
+    pair: str | None = None,
 ) -> Path:
     """Render README.md into a written bundle (config, index and shards in place).
 
@@ -301,7 +330,7 @@ def write_model_card(
     from fmtconv.convert.check.eval import read_report
 
     text = render_model_card(config, source, recipe_name, verify_summary, files_info(out), revision=revision,
-                             title=out.name.removesuffix(".partial"), repo_id=repo_id, evaluation=read_report(out))
+                             title=out.name.removesuffix(".partial"), repo_id=repo_id, evaluation=read_report(out), pair=pair)
     path = out / README
     tmp = path.with_name(README + ".tmp")
     tmp.write_text(text)
