@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,7 @@ def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
 
 def plan(
     src: str | Path,
-    recipe: str | Path | Recipe = "q4q8",
+    recipe: str | Path | Recipe | None = "q4q8",
     *,
     compute_dtype: str | None = None,
     kernel_backend: str = "metal",
@@ -29,13 +30,71 @@ def plan(
     encoder: str = "minmax",
     runtime: str | None = None,
     mtp: bool = False,
+    group_size: int | None = None,
+    fit: int | None = None,
+    target_bpw: float | None = None,
+    fit_tokens: Any = None,
+    fit_cache: str | Path | None = None,
+    fit_progress: Callable[[str, int, int], None] | None = None,
 ) -> Plan:
-    """The conversion plan, nothing written (`runtime`: mlx-lm / mlx-vlm; default, the one that owns the model_type;
+    """The conversion plan, nothing written (`runtime`: mlx-lm / mlx-vlm / vmlx; default, the one that owns the model_type;
     `encoder`: the affine encoder of rules that name none, "minmax" | "mse"; `mtp`: also the drafter bundle of the
-    release's MTP layer, as `Plan.drafter`, counted in `Plan.bytes_with_drafter`)."""
-    return build_plan(src, resolve_recipe(recipe), compute_dtype=compute_dtype, kernel_backend=kernel_backend,
-                      rounding=rounding, family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder,
-                      mtp=mtp)
+    release's MTP layer, as `Plan.drafter`, counted in `Plan.bytes_with_drafter`; `group_size`: every affine rule's group).
+
+    `fit` (bytes of weight shards, the drafter's included) or `target_bpw`: the recipe is the allocation with the least
+    predicted KL within that budget (fmtconv.convert.fit), measured on `fit_tokens` (default: the calibration text, as
+    `fmtconv eval`), cached beside the source or in `fit_cache`; `recipe`, if given, pins what its rules match.
+    """
+    if fit is None and target_bpw is None:
+        r = resolve_recipe(recipe if recipe is not None else "q4q8")
+        return build_plan(src, with_group_size(r, group_size), compute_dtype=compute_dtype, kernel_backend=kernel_backend,
+                          rounding=rounding, family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder,
+                          mtp=mtp)
+    from fmtconv.convert.fit.allocate import DRAFTER_TAIL, budget_for_bpw, fit_recipe
+
+    if fit is not None and target_bpw is not None:
+        raise FmtconvError("give --fit SIZE or --target-bpw X, not both")
+    constraints = with_group_size(resolve_recipe(recipe), group_size) if recipe is not None else None
+    settings = {"compute_dtype": compute_dtype, "kernel_backend": kernel_backend, "rounding": rounding, "family": family,
+                "runtime": runtime}
+    base = build_plan(src, _tail(constraints), max_shard_bytes=max_shard_bytes, mtp=mtp, **settings)
+    extra = base.drafter.total_bytes if base.drafter is not None else 0
+    if target_bpw is not None:
+        if not target_bpw > 0:
+            raise FmtconvError(f"--target-bpw must be positive, got {target_bpw}")
+        budget = budget_for_bpw(base.total_params + (base.drafter.total_params if base.drafter else 0), target_bpw)
+    else:
+        budget = int(fit)
+    tokens = fit_tokens if fit_tokens is not None else eval_tokens(src, [src])
+    result = fit_recipe(src, budget, tokens=tokens, constraints=constraints, cache_dir=fit_cache, extra_bytes=extra,
+                        progress=fit_progress, **settings)
+    tail = [r.model_dump(mode="json", exclude_none=True) for r in result.recipe.rules] + (DRAFTER_TAIL if mtp else [])
+    fitted = Recipe.model_validate({**result.recipe.model_dump(mode="json"), "rules": tail})
+    p = build_plan(src, fitted, max_shard_bytes=max_shard_bytes, encoder=encoder, mtp=mtp, **settings)
+    if p.bytes_with_drafter > budget:  # the allocation counts exactly what the plan writes: this would be a bug
+        raise FmtconvError(f"internal error: the fitted plan takes {p.bytes_with_drafter} bytes, over the budget of {budget}")
+    p.fit = {**result.to_json(), "recipe_toml": result.toml()}
+    return p
+
+
+def _tail(constraints: Recipe | None) -> Recipe:
+    """The constraint rules, then the drafter's default: what the modules no allocation unit holds get."""
+    from fmtconv.convert.fit.allocate import DRAFTER_TAIL
+
+    rules = [r.model_dump(mode="json", exclude_none=True) for r in constraints.rules] if constraints else []
+    return Recipe.model_validate({"name": "fit constraints", "rules": rules + DRAFTER_TAIL})
+
+
+def with_group_size(recipe: Recipe, group_size: int | None) -> Recipe:
+    """The recipe with every affine rule at `group_size` (--group-size on a preset; the lossless MXFP4 route keeps its
+    group of 32); unchanged for None."""
+    if group_size is None:
+        return recipe
+    rules = [{**r.model_dump(mode="json", exclude_none=True),
+              **({"group_size": group_size} if r.mode == "affine" and not r.exact else {})}  # exact: MXFP4's own group 32
+             for r in recipe.rules]
+    return Recipe.model_validate({**recipe.model_dump(mode="json"), "name": f"{recipe.name} (group {group_size})",
+                                  "rules": rules})
 
 
 def drafter_out(out: str | Path, mtp_out: str | Path | None = None) -> Path:
@@ -62,12 +121,21 @@ def convert(
     encoder: str = "minmax",
     mtp: bool = False,
     mtp_out: str | Path | None = None,
+    group_size: int | None = None,
+    fit: int | None = None,
+    target_bpw: float | None = None,
+    fit_tokens: Any = None,
+    fit_cache: str | Path | None = None,
+    fit_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Convert SRC into an MLX bundle at OUT; returns the run summary. Resumes an interrupted run.
 
     `mtp`: also write the drafter bundle of the release's MTP layer, for speculative decoding, to `mtp_out` (default
     OUT-mtp), through the same plan, recipe and checks; the summary's "drafter" entry describes it.  Both bundles are
     checked before either is written, and both are renamed into place only once both are complete.
+
+    `fit` / `target_bpw` (with `recipe` as constraints, or None): as `plan`; the allocation is written into OUT as
+    fit-recipe.toml and summarised in the model card.
     """
     from fmtconv.convert.pipeline import check_out_path
 
@@ -77,10 +145,11 @@ def convert(
         check_out_path(Path(src), draft, overwrite)
         _check_apart(Path(out), draft)
     p = plan(src, recipe, compute_dtype=compute_dtype, kernel_backend=kernel_backend, rounding=rounding,
-             family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder, mtp=mtp)
+             family=family, max_shard_bytes=max_shard_bytes, runtime=runtime, encoder=encoder, mtp=mtp, group_size=group_size,
+             fit=fit, target_bpw=target_bpw, fit_tokens=fit_tokens, fit_cache=fit_cache, fit_progress=fit_progress)
     bundles = [(p.drafter, draft)] if p.drafter is not None and draft is not None else []
     bundles.append((p, Path(out)))  # the drafter first: small, and a failure there costs little
-    cards = [_model_card_writer(q, pair) if model_card else None for q, pair in ((b, _pair(b, p, out, draft)) for b, _ in bundles)]
+    cards = [_extra_files(b, _pair(b, p, out, draft), model_card) for b, _ in bundles]
     if progress is None and not quiet and sys.stderr.isatty():
         from fmtconv.convert.progress import RichProgress
 
@@ -144,11 +213,22 @@ def _pair(bundle: Plan, main: Plan, out: str | Path, draft: Path | None) -> str 
     return draft.name if bundle is main else Path(out).name
 
 
-def _model_card_writer(p: Plan, pair: str | None = None) -> Callable[[Path], None]:
-    def write(partial: Path) -> None:
-        from fmtconv.convert.publish.model_card import write_model_card
+def _extra_files(p: Plan, pair: str | None, model_card: bool) -> Callable[[Path], None] | None:
+    """What goes into OUT.partial beside the shards, index and config: the fitted recipe (--fit), the model card."""
+    if not model_card and p.fit is None:
+        return None
 
-        write_model_card(partial, p, pair=pair)
+    def write(partial: Path) -> None:
+        if p.fit is not None:
+            from fmtconv.convert.fit.allocate import FIT_RECIPE_FILE
+
+            (partial / FIT_RECIPE_FILE).write_text(p.fit["recipe_toml"])
+        if model_card:
+            from fmtconv.convert.publish.model_card import write_model_card
+
+            write_model_card(partial, p, pair=pair)
+        elif (p.source / "README.md").is_file():  # --keep-source-card: the side files skip it when extra files are written
+            shutil.copyfile(p.source / "README.md", partial / "README.md")
 
     return write
 

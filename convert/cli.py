@@ -58,10 +58,13 @@ def _parse_size(text: str) -> int:
 
 
 def _recipe_for(args: argparse.Namespace):
+    """The recipe, or with --fit / --target-bpw the constraints (None: none)."""
     from fmtconv.convert.recipes import load_recipe, source_recipe
 
     if getattr(args, "recipe", None):
         return load_recipe(args.recipe)
+    if _fits(args):
+        return None
     if args.command in ("mxfp4-to-affine", "fp8-to-affine"):
         codec = "mxfp4" if args.command == "mxfp4-to-affine" else "fp8_block"
         name = f"{args.command}-{args.bits}bit-g{args.group_size}" + (f"-other{args.other_bits}" if args.other_bits != 8 else "")
@@ -77,13 +80,28 @@ def _resolve_src(args: argparse.Namespace) -> None:
         args.src = str(resolve_source(args.src, revision=args.revision, cache_dir=args.cache_dir))
 
 
+def _plan_options(args: argparse.Namespace) -> dict:
+    """The plan's keyword arguments from the command line (the fit's tokens checked here, before anything is written)."""
+    opts = {"compute_dtype": args.dtype, "kernel_backend": args.kernel_backend, "rounding": args.rounding, "family": args.family,
+            "max_shard_bytes": args.max_shard_size, "runtime": args.runtime, "encoder": args.encoder, "mtp": args.mtp,
+            "group_size": None if args.command in ("mxfp4-to-affine", "fp8-to-affine") else args.group_size}
+    if _fits(args):
+        from fmtconv.convert.api import eval_tokens
+
+        opts.update(fit=args.fit, target_bpw=args.target_bpw, fit_cache=args.fit_cache,
+                    fit_tokens=eval_tokens(args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens,
+                                           seq_len=args.seq_len))
+        if not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty():
+            opts["fit_progress"] = lambda stage, done, total: print(f"\rmeasuring sensitivities: {stage} layer {done}/{total}",
+                                                                     end="" if done < total else "\n", file=sys.stderr)
+    return opts
+
+
 def _plan_from_args(args: argparse.Namespace):
     from fmtconv.convert.api import plan
 
     _resolve_src(args)
-    return plan(args.src, _recipe_for(args), compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                rounding=args.rounding, family=args.family, max_shard_bytes=args.max_shard_size, runtime=args.runtime, encoder=args.encoder,
-                mtp=args.mtp)
+    return plan(args.src, _recipe_for(args), **_plan_options(args))
 
 
 def _plan_table(p, title: str):
@@ -116,6 +134,14 @@ def _print_plan(p, console) -> None:
         console.print(f"drafter {human_bytes(d.total_bytes)} in {len(d.shards)} shard(s); {d.total_params:,} parameters, "
                       f"{d.bits_per_weight:.3f} bits per weight")
         console.print(f"total with the drafter {human_bytes(p.bytes_with_drafter)} in {len(p.shards) + len(d.shards)} shard(s)")
+    if p.fit is not None:
+        f = p.fit
+        console.print(f"fit: budget {human_bytes(f['budget_bytes'])} ({f['budget_bytes']:,} bytes), planned "
+                      f"{human_bytes(f['planned_bytes'])} ({f['planned_bytes']:,} bytes), predicted KL {f['predicted_kl']:.5f} "
+                      f"nats/token; sensitivities {'measured' if f['measured'] else 'from the cache'}"
+                      + (f" ({f['sensitivity_cache']})" if f["sensitivity_cache"] else ""))
+        console.print("the allocation as a recipe (convert writes it into OUT as fit-recipe.toml):")
+        console.print(f["recipe_toml"], markup=False, highlight=False)
     for w in p.warnings:
         console.print(f"[yellow]warning:[/yellow] {w}")
 
@@ -136,7 +162,9 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         raise FmtconvError("--mtp-out names where the drafter bundle goes; it needs --mtp")
     _resolve_src(args)
     recipe = _recipe_for(args)
-    if args.command in ("mxfp4-to-affine", "fp8-to-affine") and not args.recipe:
+    if args.command == "convert" and recipe is None and not _fits(args):
+        raise FmtconvError("fmtconv convert needs --recipe NAME|FILE, or --fit SIZE / --target-bpw X")
+    if args.command in ("mxfp4-to-affine", "fp8-to-affine") and not args.recipe and not _fits(args):
         codec = "mxfp4" if args.command == "mxfp4-to-affine" else "fp8_block"
         p = _plan_from_args(args)
         if not any(t.source_codec == codec for t in p.tensors):
@@ -146,10 +174,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         from fmtconv.convert.api import eval_tokens
 
         batch = eval_tokens(args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens, seq_len=args.seq_len)
-    result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
-                     rounding=args.rounding, family=args.family, runtime=args.runtime, overwrite=args.overwrite, quiet=args.quiet or args.json,
-                     workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card,
-                     encoder=args.encoder, mtp=args.mtp, mtp_out=args.mtp_out)
+    result = convert(args.src, args.out, recipe=recipe, overwrite=args.overwrite, quiet=args.quiet or args.json,
+                     workers=args.workers, model_card=not args.keep_source_card, mtp_out=args.mtp_out, **_plan_options(args))
     if not args.json and not args.quiet:
         console = _console()
         console.print(f"wrote {result['output']}: {result['tensors']} tensors in {result['shards']} shard(s), "
@@ -242,15 +268,34 @@ def _conformance_text(conf) -> str:
     return "\n".join(lines + [f"  {p}" for p in conf.problems])
 
 
-def _add_eval_options(p: argparse.ArgumentParser) -> None:
+def _add_token_options(p: argparse.ArgumentParser) -> None:
     tokens = p.add_mutually_exclusive_group()
     tokens.add_argument("--tokens", help="a JSON file: a list of lists of token ids")
     tokens.add_argument("--text", help="a text file, tokenized with the checkpoint's own tokenizer "
                                        "(default: fmtconv's calibration text: prose, code, math, a few non-English lines)")
-    p.add_argument("--n-tokens", type=int, default=512, help="tokens of the text to evaluate on (default 512)")
+    p.add_argument("--n-tokens", type=int, default=512, help="tokens of the text to run on (default 512)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    _add_token_options(p)
     p.add_argument("--student-float32", action="store_true",
                    help="run the bundle with float32 activations instead of its own dtype (the report says which ran)")
+
+
+def _add_fit_options(p: argparse.ArgumentParser) -> None:
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--fit", type=_parse_size, metavar="SIZE",
+                      help="the allocation with the least predicted KL whose weight shards (a --mtp drafter's included) take "
+                           "at most SIZE (e.g. 100GB), from sensitivities measured on the calibration tokens; a --recipe "
+                           "given with it pins the modules its rules match")
+    size.add_argument("--target-bpw", type=float, metavar="X", help="as --fit, the budget given as bits per weight")
+    p.add_argument("--fit-cache", help="where measured sensitivities are cached (default: SRC.fmtconv-cache/ beside the "
+                                       "source, else the user cache directory; FMTCONV_CACHE_DIR overrides)")
+
+
+def _fits(args: argparse.Namespace) -> bool:
+    return getattr(args, "fit", None) is not None or getattr(args, "target_bpw", None) is not None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -319,17 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--other-bits", type=int, default=8, choices=[2, 3, 4, 5, 6, 8],
                        help="bits for the other linear layers and embeddings (group 64; default 8). With --bits 4 "
                             "--other-bits 4 every quantizable module gets what `mlx_lm.convert -q --q-bits 4` gives it")
-        p.add_argument("--recipe", help="preset name or recipe file (overrides --bits/--group-size/--other-bits)")
+        p.add_argument("--recipe", help="preset name or recipe file (overrides --bits/--group-size/--other-bits); "
+                                        "with --fit, the constraints")
+        _add_fit_options(p)
         p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("convert", help="any source format to any target, by recipe")
     _add_common(p, with_out=True)
-    p.add_argument("--recipe", required=True, help="preset name or recipe file (TOML or JSON)")
+    p.add_argument("--recipe", help="preset name or recipe file (TOML or JSON); with --fit, the constraints")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="every affine rule of the recipe at this group size")
+    _add_fit_options(p)
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser("plan", help="print what a conversion would write, before writing anything")
     _add_common(p, with_out=False)
-    p.add_argument("--recipe", default="q4q8", help="preset name or recipe file")
+    p.add_argument("--recipe", help="preset name or recipe file (default q4q8); with --fit, the constraints")
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], help="every affine rule of the recipe at this group size")
+    _add_fit_options(p)
+    _add_token_options(p)
     p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser("verify", help="check a bundle's structure; with --source also SQNR per tensor")
@@ -358,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline, a plain copy and mlx_lm.convert; "
                                      "the kernels; or the two encoders")
-    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels", "encoders", "quality", "eval"])
+    p.add_argument("what", nargs="?", default="pipeline", choices=["pipeline", "kernels", "encoders", "quality", "eval", "fit"])
     p.add_argument("--size", type=_parse_size, action="append",
                    help="synthetic checkpoint size (default 4GB); give it twice (e.g. --size 4GB --size 8GB) for the scaling check")
     p.add_argument("--dir", help="where the synthetic checkpoints live (default ./bench-data)")
@@ -376,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="encoders bench: the affine arithmetic (default cpu)")
     p.add_argument("--source", action="extend", nargs="+",
                    help="encoders bench: also measure these checkpoints' tensors; quality bench: the sources to convert")
-    p.add_argument("--recipes", default="q4q8,mixed_3_6", help="quality bench: comma-separated presets or files, or 'all'")
+    p.add_argument("--recipes", help="quality bench: comma-separated presets or files, or 'all' (default q4q8,mixed_3_6); "
+                                    "fit bench: the presets whose sizes are the budgets (default q4q8,mixed_3_6,mixed_2_6)")
     p.add_argument("--encoders", default="minmax,mse", help="quality bench: comma-separated encoders")
     p.add_argument("--n-tokens", type=int, default=2048, help="quality and eval benches: tokens each bundle is evaluated on "
                                                                "(default 2048, in sequences of 512)")
@@ -417,12 +470,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         print_eval_bench(run_eval_bench(Path(args.dir) if args.dir else None, n_tokens=min(args.n_tokens, 128), quiet=args.json),
                          args.json)
         return 0
+    if args.what == "fit":
+        from fmtconv.convert.bench.fit import print_fit_bench, run_fit_bench
+
+        if not args.source:
+            raise FmtconvError("bench fit needs --source (one or more checkpoints, e.g. --source fixtures/*-tiny)")
+        from fmtconv.convert.bench.fit import PRESETS
+
+        presets = [r for r in args.recipes.split(",") if r] if args.recipes else PRESETS
+        report = run_fit_bench(args.source, presets, n_tokens=args.n_tokens, seq_len=min(args.n_tokens, 512))
+        print_fit_bench(report, args.json)
+        return 0
     if args.what == "quality":
         from fmtconv.convert.bench.quality import print_quality, run_quality_bench
 
         if not args.source:
             raise FmtconvError("bench quality needs --source (one or more checkpoints, e.g. --source fixtures/*-tiny)")
-        rows = run_quality_bench(args.source, [r for r in args.recipes.split(",") if r],
+        rows = run_quality_bench(args.source, [r for r in (args.recipes or "q4q8,mixed_3_6").split(",") if r],
                                  [e for e in args.encoders.split(",") if e], n_tokens=args.n_tokens, seq_len=min(args.n_tokens, 512))
         print_quality(rows, args.json)
         return 0

@@ -82,6 +82,8 @@ class Plan:
     encoder: str = "minmax"  # the run's default affine encoder (a rule's `encoder` overrides it)
     # `--mtp`: the drafter bundle's own plan (its layout, tensors and shards; written to OUT-mtp), else None.
     drafter: Plan | None = None
+    # `--fit` / `--target-bpw`: the allocation behind this plan's recipe (fmtconv.convert.fit.allocate.FitResult.to_json).
+    fit: dict[str, Any] | None = None
 
     @property
     def shard_files(self) -> list[str]:
@@ -181,6 +183,8 @@ class Plan:
 
     def to_json(self) -> dict[str, Any]:
         out = self._json()
+        if self.fit is not None:
+            out["fit"] = self.fit
         if self.drafter is not None:
             out["drafter"] = self.drafter._json()
             out["total_bytes_with_drafter"] = self.bytes_with_drafter

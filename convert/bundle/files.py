@@ -62,6 +62,8 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "encoder": plan.encoder,
         "encoders": plan.encoder_patterns(),
     }
+    if plan.fit is not None:
+        config["fmtconv"]["fit"] = {k: plan.fit[k] for k in ("budget_bytes", "planned_bytes", "predicted_kl")}
     if plan.layout.draft_kind is not None:  # a drafter bundle (`--mtp`): how mlx-vlm runs it
         config["fmtconv"]["draft_kind"] = plan.layout.draft_kind
     return config

@@ -18,12 +18,18 @@ from fmtconv.convert.fit import sensitivity as sens
 from fmtconv.convert.fit.candidates import KEEP, Candidate, Unit, units_of
 from fmtconv.convert.fit.solve import Option, smallest, solve
 from fmtconv.convert.naming import MODULE_CLASSES
-from fmtconv.convert.plan import Plan, build_plan, num_layers_of
+from fmtconv.convert.plan import build_plan, num_layers_of
 from fmtconv.convert.recipes import Recipe, recipe_from_dict
 from fmtconv.convert.units import human_bytes
 from fmtconv.errors import FmtconvError
 
 FIT_RECIPE_FILE = "fit-recipe.toml"  # in the bundle: the allocation, reproducible with --recipe
+# After the fitted rules: what a --mtp drafter's modules get (no allocation unit holds them; the main model's modules
+# are all matched earlier): q4q8's rules.
+DRAFTER_TAIL: list[dict[str, Any]] = [
+    {"match": r"(?:switch_mlp|\.mlp\.experts)\.", "mode": "affine", "bits": 4, "on_indivisible": "keep", "note": "drafter"},
+    {"mode": "affine", "bits": 8, "on_indivisible": "keep", "note": "drafter"},
+]
 _CLASS_PATTERN = dict(MODULE_CLASSES)
 _LAYERS_PATH = re.compile(r"^(.*?\blayers)\.\d+\.")
 
@@ -172,14 +178,12 @@ def recipe_toml(recipe: Recipe, comments: list[str] = ()) -> str:
     lines += [f"name = {value(recipe.name)}", f"description = {value(recipe.description)}", ""]
     for r in recipe.rules:
         lines.append("[[rules]]")
-        for k, v in r.model_dump(mode="json", exclude_none=True).items():
-            if k in ("match",) and v == ".*" and "match" not in r.model_fields_set:
-                continue
+        for k, v in r.model_dump(mode="json", exclude_defaults=True).items():
             lines.append(f"{k} = {value(v)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def budget_for_bpw(plan: Plan, bits_per_weight: float) -> int:
+def budget_for_bpw(params: int, bits_per_weight: float) -> int:
     """--target-bpw: the budget in bytes for this many bits per weight (bytes x 8 / parameters, as plans count it)."""
-    return int(bits_per_weight * plan.total_params / 8)
+    return int(bits_per_weight * params / 8)

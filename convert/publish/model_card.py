@@ -168,6 +168,11 @@ def render_model_card(
     enc = encoder_summary(config)
     if enc:
         out.append(f"| Affine encoder | {enc} |")
+    fit = (config.get("fmtconv") or {}).get("fit")
+    if isinstance(fit, Mapping):
+        out.append(f"| Allocation | fmtconv `--fit`: budget {human_bytes(fit['budget_bytes'])}, planned "
+                   f"{human_bytes(fit['planned_bytes'])}, predicted KL {fit['predicted_kl']:.5f} nats/token from measured "
+                   "sensitivities; the recipe is `fit-recipe.toml` |")
     out.append("")
 
     out += ["## Modules", "",
