@@ -44,7 +44,7 @@ class FitResult:
     unit_bytes: dict[str, int]
     cache: str | None
     measured: bool  # False: the costs came from the cache
-    notes: list[str] = field(default_factory=list)
+    reference: dict[str, float] = field(default_factory=dict)  # every unit at the reference: measured and predicted KL
 
     @property
     def planned_bytes(self) -> int:
@@ -53,7 +53,7 @@ class FitResult:
     def to_json(self) -> dict[str, Any]:
         return {"budget_bytes": self.budget, "planned_bytes": self.planned_bytes, "predicted_kl": self.predicted_kl,
                 "choice": {u: c.label for u, c in self.choice.items()}, "sensitivity_cache": self.cache,
-                "measured": self.measured, "recipe": self.recipe.model_dump(mode="json"), "notes": self.notes}
+                "measured": self.measured, "reference_check": self.reference, "recipe": self.recipe.model_dump(mode="json")}
 
     def toml(self) -> str:
         return recipe_toml(self.recipe, [f"fmtconv --fit: budget {self.budget} bytes ({human_bytes(self.budget)}), planned "
@@ -115,7 +115,7 @@ def fit_recipe(source: str | Path, budget: int, *, tokens: TokenBatch, constrain
     choice = {u: o.choice for u, o in chosen.items()}
     recipe = fitted_recipe(units, choice, constraints, budget)
     return FitResult(recipe, budget, fixed, table.predicted_kl(choice), choice, {u: o.nbytes for u, o in chosen.items()},
-                     where, measured)
+                     where, measured, {"measured_kl": table.kl_reference, "predicted_kl": table.predicted_reference})
 
 
 def _with_keep(constraints: Recipe | None) -> Recipe:
