@@ -173,6 +173,15 @@ class SafetensorsFile:
         stored row by row), so other threads' rows of the same tensor stay mapped."""
         self._advise(name, getattr(mmap, "MADV_DONTNEED", None), rows)
 
+    def release_all(self) -> None:
+        """Drop every mapped page of the file from this process.  Releasing tensor by tensor leaves a few pages around
+        each: the kernel's fault-around maps a faulting page's neighbours, the next tensor's first pages included."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, 0, self.size)
+            except (OSError, ValueError):
+                pass
+
     def will_need(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
         """Start reading the tensor's pages (or the share `rows` selects, as in `release`) in the background."""
         self._buffer()
@@ -287,6 +296,11 @@ class Checkpoint:
     def will_need(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
         """Read-ahead hint for a tensor (or a share of its rows); maps the file if needed."""
         self.files[self.info(name).file.name].will_need(name, rows)
+
+    def release_all(self) -> None:
+        """Drop every mapped page of every file from this process (SafetensorsFile.release_all)."""
+        for f in self.files.values():
+            f.release_all()
 
     def close(self) -> None:
         for f in self.files.values():

@@ -155,6 +155,7 @@ class CandidateEncoder:
         by_name, enc = self._plan(c)
         pt = by_name[t.target.name]
         out = enc.encode_tensor(self.ck, pt)
+        self.ck.release_all()  # fault-around leaves neighbouring pages mapped; none need stay
         prefix = pt.target.module + "."
         return {k[len(prefix):] if k.startswith(prefix) else "weight": v for k, v in out.items()}
 

@@ -122,10 +122,18 @@ def teacher_config(bundle_config: dict[str, Any]) -> dict[str, Any]:
 
 def build_skeleton(runtime: Runtime, config: dict[str, Any]) -> Any:
     """The runtime's model class built by its own loader from `config`, with no weights (lazily initialised)."""
-    with tempfile.TemporaryDirectory(prefix="fmtconv-eval-") as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        write_safetensors(Path(tmp) / "model.safetensors", {})
-        model, _ = runtime.load_lazily(Path(tmp))
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # mlx-vlm warns that a skeleton without weights has none for its vision tower
+    try:
+        with tempfile.TemporaryDirectory(prefix="fmtconv-eval-") as tmp:
+            (Path(tmp) / "config.json").write_text(json.dumps(config))
+            write_safetensors(Path(tmp) / "model.safetensors", {})
+            model, _ = runtime.load_lazily(Path(tmp))
+    finally:
+        root.setLevel(level)
     return model
 
 
@@ -159,6 +167,7 @@ class TeacherWeights:
             if value.dtype.kind == "f" or value.dtype == np.dtype(COMPUTE_DTYPES["bfloat16"]):
                 value = value.astype(np.float32)  # exact widening (a tensor the runtime keeps in its stored dtype)
             out.append((name, mx.array(value)))
+        self.ck.release_all()  # a layer decoded: none of the source's pages need stay mapped
         return out
 
 
@@ -198,26 +207,25 @@ class TeacherModel:
     def close(self) -> None:
         self.weights.close()
 
-    def load_outer(self) -> None:
+    def _load(self, names: list[str]) -> None:
+        """Decode and install these weights (only they are evaluated: the skeleton's own initial values, never
+        evaluated, cost nothing, and evaluating them would allocate every layer)."""
         import mlx.core as mx
 
-        self.model.load_weights(self.weights.arrays(self.by_layer.get(None, [])), strict=False)
-        mx.eval(self.model.parameters())
+        arrays = self.weights.arrays(names)
+        self.model.load_weights(arrays, strict=False)
+        mx.eval([a for _, a in arrays])
+
+    def load_outer(self) -> None:
+        self._load(self.by_layer.get(None, []))
 
     def load_all(self) -> None:
-        import mlx.core as mx
-
-        self.model.load_weights(self.weights.arrays([n for names in self.by_layer.values() for n in names]), strict=False)
-        mx.eval(self.model.parameters())
+        self._load([n for names in self.by_layer.values() for n in names])
 
     def load_layer(self, i: int) -> Any:
         """Decode and load layer i; returns what `release_layer` needs to drop it again."""
-        import mlx.core as mx
-
-        layer = self.path.layers[i]
-        saved = layer.parameters()
-        self.model.load_weights(self.weights.arrays(self.by_layer.get(i, [])), strict=False)
-        mx.eval(layer.parameters())
+        saved = self.path.layers[i].parameters()
+        self._load(self.by_layer.get(i, []))
         return saved
 
     def release_layer(self, i: int, saved: Any) -> None:

@@ -104,12 +104,14 @@ class _Student:
         self.float32 = float32
 
     def load(self, module: Any, names: list[str]) -> None:
+        """Install these weights into the model (`module`: the part they belong to); only they are evaluated."""
         import mlx.core as mx
 
-        self.model.load_weights([(n, self.weights.pop(n)) for n in names], strict=False)
+        arrays = [(n, self.weights.pop(n)) for n in names]
         if self.float32:
-            module.set_dtype(mx.float32)
-        mx.eval(module.parameters())
+            arrays = [(n, a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a) for n, a in arrays]
+        self.model.load_weights(arrays, strict=False)
+        mx.eval([a for _, a in arrays])
 
     def layer_names(self, i: int) -> list[str]:
         prefix = self.path.layer_prefix(i)
