@@ -209,7 +209,15 @@ def render_model_card(
                 out += [f"Below the SQNR threshold: {', '.join(f'`{n}`' for n in verify_summary['outliers'])}.", ""]
 
     target = repo_id or "path/to/this/folder"
-    if runtime == "mlx-vlm":
+    if runtime == "vmlx":
+        out += ["## Use with vMLX", "",
+                "vMLX runs this bundle with jang's DeepSeek-V4 model, through its plain mlx-lm route (the bundle has no "
+                "`jang_config.json`); its OpenAI-compatible server:", "",
+                "```bash", "pip install vmlx", f"vmlx serve {target} --port 8000", "```", "",
+                "or its loader, in Python:", "", "```python",
+                "from vmlx_engine.utils.tokenizer import load_model_with_fallback", "",
+                f'model, tokenizer = load_model_with_fallback("{target}")', "```", ""]
+    elif runtime == "mlx-vlm":
         out += ["## Use with mlx-vlm", "", "```bash", "pip install mlx-vlm", "```", "", "```python",
                 "from mlx_vlm import generate, load", "", f'model, processor = load("{target}")',
                 'print(generate(model, processor, "hello", max_tokens=100).text)', "```", ""]
