@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
-from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, is_mtp, without_fp4_experts
+from fmtconv.convert.releases.deepseek_v4 import EXPERT_PROJ, split_groups, without_fp4_experts
 from fmtconv.formats.base import SourceGroup
 
 _LAYER = re.compile(r"layers\.(\d+)\.(.+)")
@@ -77,20 +77,8 @@ class DeepseekV4VmlxLayout(ModelLayout):
         return jang_name(name)
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
-        n_layers = int(config["num_hidden_layers"])
-        out: list[TargetTensor] = []
-        dropped: list[str] = []
-        experts: dict[tuple[str, str], dict[int, SourceGroup]] = {}
-        for g in groups:
-            layer = _LAYER.match(g.name)
-            if is_mtp(g.name) or (layer and int(layer[1]) >= n_layers):
-                dropped.append(g.name)
-                continue
-            m = EXPERT_KEY.fullmatch(g.name)
-            if m:
-                experts.setdefault((f"layers.{m[1]}.ffn", m[3]), {})[int(m[2])] = g
-                continue
-            out.append(TargetTensor(g.name, (g,), quantizable=is_quantizable(jang_name(g.name))))
+        whole, experts, dropped = split_groups(groups, int(config["num_hidden_layers"]))
+        out = [TargetTensor(g.name, (g,), quantizable=is_quantizable(jang_name(g.name))) for g in whole]
         out += stacked_experts(experts, config.get("n_routed_experts"),
                                lambda prefix, proj: f"{prefix}.switch_mlp.{EXPERT_PROJ[proj]}.weight")
         return out, dropped
