@@ -4,6 +4,7 @@ vMLX's own loader: tests/test_vmlx_client.py, in .ci/run's vMLX environment.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -47,12 +48,28 @@ RENAMES = {
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+def converted(tmp_path_factory):
     out = tmp_path_factory.mktemp("vmlx") / "v4-vmlx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # jang is not installed here: the check is skipped
-        convert(V4, out, recipe="q4q8", runtime="vmlx", kernel_backend="cpu")
-    return out
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always", RuntimeWarning)
+        summary = convert(V4, out, recipe="q4q8", runtime="vmlx", kernel_backend="cpu")
+    return out, summary, [str(w.message) for w in seen]
+
+
+@pytest.fixture(scope="module")
+def bundle(converted):
+    return converted[0]
+
+
+def test_the_runtime_check_runs_against_jang_or_says_why_not(converted):
+    _, summary, seen = converted
+    checks = summary["conformance"]
+    assert [c["model_module"] for c in checks] == ["jang_tools.dsv4.mlx_model"] * 2
+    if importlib.util.find_spec("jang_tools") is None:  # the main environments: warned, not silently passed
+        assert all(c["skipped"].startswith("vmlx is not installed (jang_tools not importable)") for c in checks)
+        assert any("vmlx is not installed" in w for w in seen)
+    else:
+        assert all(c["ok"] for c in checks) and not any("vmlx" in w for w in seen)
 
 
 def test_rename_table():

@@ -13,6 +13,8 @@ import functools
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,9 @@ def test_conformance_refuses_an_mlx_vlm_bundle_and_passes_at_full_size(tmp_path)
 
 def test_runtime_name_is_what_jangs_sanitize_makes_of_every_tensor(tmp_path):
     convert(V4, tmp_path / "out", recipe="q4q8", runtime="vmlx", kernel_backend="cpu")
+    run = subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", "verify", str(tmp_path / "out"), "--runtime"],
+                         capture_output=True, text=True)
+    assert run.returncode == 0 and "runtime check: jang_tools.dsv4.mlx_model (vmlx) loads all 178 tensors" in run.stdout
     stored = {k: v for s in sorted((tmp_path / "out").glob("model-*.safetensors")) for k, v in mx.load(str(s)).items()}
     layout = plan(V4, "q4q8", runtime="vmlx").layout
     model = fl.reference_model(V4)  # jang's class (mlx_register is imported)
