@@ -132,13 +132,16 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         p = _plan_from_args(args)
         if not any(t.source_codec == codec for t in p.tensors):
             raise FmtconvError(f"no {codec} tensors found; use `fmtconv convert --recipe` for this checkpoint", file=args.src)
+    batch = None
+    if args.eval:  # bad token input is refused before anything is written
+        from fmtconv.convert.api import eval_tokens
+
+        batch = eval_tokens(args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens, seq_len=args.seq_len)
     result = convert(args.src, args.out, recipe=recipe, compute_dtype=args.dtype, kernel_backend=args.kernel_backend,
                      rounding=args.rounding, family=args.family, runtime=args.runtime, overwrite=args.overwrite, quiet=args.quiet or args.json,
                      workers=args.workers, max_shard_bytes=args.max_shard_size, model_card=not args.keep_source_card,
                      encoder=args.encoder)
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif not args.quiet:
+    if not args.json and not args.quiet:
         console = _console()
         console.print(f"wrote {result['output']}: {result['tensors']} tensors in {result['shards']} shard(s), "
                       f"{human_bytes(result['bytes_in'])} in -> {human_bytes(result['bytes_out'])} out, "
@@ -146,6 +149,17 @@ def _cmd_convert(args: argparse.Namespace) -> int:
                       f"({(result['params_per_s'] or 0) / 1e6:.1f} Mparam/s)")
         for w in result["warnings"]:
             console.print(f"[yellow]warning:[/yellow] {w}")
+    if args.eval:
+        from fmtconv.convert.api import evaluate
+        from fmtconv.convert.check.eval import report_text
+
+        report = evaluate(args.out, args.src, batch=batch, student_float32=args.student_float32, quiet=args.quiet or args.json)
+        if args.json:
+            result["eval"] = report.to_json()
+        elif not args.quiet:
+            print(report_text(report.to_json()))
+    if args.json:
+        print(json.dumps(result, indent=2))
     if args.upload_repo:
         from fmtconv.convert.publish.hub import upload_bundle
 
@@ -215,6 +229,28 @@ def _conformance_text(conf) -> str:
     return "\n".join(lines + [f"  {p}" for p in conf.problems])
 
 
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    tokens = p.add_mutually_exclusive_group()
+    tokens.add_argument("--tokens", help="a JSON file: a list of lists of token ids")
+    tokens.add_argument("--text", help="a text file, tokenized with the checkpoint's own tokenizer "
+                                       "(default: fmtconv's calibration text: prose, code, math, a few non-English lines)")
+    p.add_argument("--n-tokens", type=int, default=512, help="tokens of the text to evaluate on (default 512)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
+    p.add_argument("--student-float32", action="store_true",
+                   help="run the bundle with float32 activations instead of its own dtype (the report says which ran)")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fmtconv.convert.api import evaluate
+    from fmtconv.convert.check.eval import report_text
+
+    report = evaluate(args.out, args.source, tokens=args.tokens, text=args.text, n_tokens=args.n_tokens, seq_len=args.seq_len,
+                      student_float32=args.student_float32, quiet=args.quiet or args.json, record=not args.no_record)
+    data = report.to_json()
+    print(json.dumps(data, indent=2) if args.json else report_text(data))
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("src", help="source checkpoint directory")
     if with_out:
@@ -241,6 +277,9 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
         p.add_argument("--quiet", action="store_true", help="no progress display")
         p.add_argument("--workers", type=int, help="threads (default: all cores)")
         p.add_argument("--keep-source-card", action="store_true", help="copy the source README.md instead of writing a model card")
+        p.add_argument("--eval", action="store_true",
+                       help="then evaluate OUT against SRC (as `fmtconv eval`; the report goes into OUT and its model card)")
+        _add_eval_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also check the bundle against the runtime's own model class (default: the one it was written for)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("eval", help="model-level quality against the exact source: KL, top-1/top-5, perplexity, per-layer "
+                                    "errors (both models streamed layer by layer)")
+    p.add_argument("out", help="the MLX bundle directory")
+    p.add_argument("--source", required=True, help="the source checkpoint the bundle was converted from")
+    _add_eval_options(p)
+    p.add_argument("--no-record", action="store_true",
+                   help="do not keep the report in OUT (fmtconv-eval.json) nor add it to the model card")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress display")
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("bench", help="benchmark: fmtconv vs the usual pipeline, a plain copy and mlx_lm.convert; "
                                      "the kernels; or the two encoders")

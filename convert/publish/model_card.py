@@ -120,8 +120,9 @@ def render_model_card(
     revision: str | None = None,
     title: str | None = None,
     repo_id: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
 ) -> str:
-    """README.md text for a bundle.
+    """README.md text for a bundle (`evaluation`: the `fmtconv eval` report's JSON, when the bundle was evaluated).
 
     config: the written config.json; files_info: `files_info(out_dir)`; verify_summary:
     `VerifyReport.summary_json()` or None (not verified); repo_id: where the bundle will live
@@ -208,6 +209,9 @@ def render_model_card(
             if verify_summary.get("outliers"):
                 out += [f"Below the SQNR threshold: {', '.join(f'`{n}`' for n in verify_summary['outliers'])}.", ""]
 
+    if evaluation:
+        out += _evaluation_section(evaluation)
+
     target = repo_id or "path/to/this/folder"
     if runtime == "vmlx":
         out += ["## Use with vMLX", "",
@@ -228,6 +232,33 @@ def render_model_card(
                 "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
                 "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", ""]
     return "\n".join(out)
+
+
+def _evaluation_section(r: Mapping[str, Any]) -> list[str]:
+    f = lambda x, d=4: f"{x:.{d}f}" if isinstance(x, (int, float)) else str(x)  # noqa: E731
+    out = ["## Quality against the source", "",
+           f"`fmtconv eval` ran the source, decoded exactly ({r.get('teacher_dtype')}), and this bundle "
+           f"({r.get('student_dtype')} activations) through `{r.get('model_module')}` on {r.get('tokens')} tokens "
+           f"({r.get('tokens_source')}).", "",
+           "| KL mean (nats/token) | KL p99 | Top-1 agreement | Top-5 | Perplexity, source → bundle |",
+           "|---:|---:|---:|---:|---|",
+           f"| {f(r.get('kl_mean'), 5)} | {f(r.get('kl_p99'), 5)} | {f(r.get('top1'))} | {f(r.get('top5'))} | "
+           f"{f(r.get('ppl_teacher'), 3)} → {f(r.get('ppl_student'), 3)} |", ""]
+    worst = r.get("worst_layers") or {}
+    if worst:
+        out += ["Largest relative output error of a decoder layer with one module class quantized (teacher's input):", "",
+                "| Module class | Layers (error) |", "|---|---|"]
+        out += [f"| {cls} | " + ", ".join(f"{w['layer']} ({f(w['rel_error'])})" for w in rows) + " |" for cls, rows in worst.items()]
+        out.append("")
+    return out
+
+
+def is_fmtconv_card(out_dir: str | Path) -> bool:
+    """Whether the bundle's README.md is a card fmtconv wrote (not a copied source card)."""
+    try:
+        return "\n- fmtconv\n" in (Path(out_dir) / README).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _runtime_of(config: Mapping[str, Any]) -> str:
@@ -275,8 +306,10 @@ def write_model_card(
             source, revision = snap[0], revision or snap[1]
     if verify_summary is None and run_verify:
         verify_summary = verify_bundle(out).summary_json()
+    from fmtconv.convert.check.eval import read_report
+
     text = render_model_card(config, source, recipe_name, verify_summary, files_info(out), revision=revision,
-                             title=out.name.removesuffix(".partial"), repo_id=repo_id)
+                             title=out.name.removesuffix(".partial"), repo_id=repo_id, evaluation=read_report(out))
     path = out / README
     tmp = path.with_name(README + ".tmp")
     tmp.write_text(text)
@@ -284,4 +317,4 @@ def write_model_card(
     return path
 
 
-__all__ = ["FilesInfo", "README", "files_info", "render_model_card", "write_model_card"]
+__all__ = ["FilesInfo", "README", "files_info", "is_fmtconv_card", "render_model_card", "write_model_card"]

@@ -69,12 +69,10 @@ def check_ids(sequences: list[list[int]], vocab_size: int, where: Path | None = 
 
 
 def tokenize_text(text: str, tokenizer_dirs: list[Path], vocab_size: int, *, label: str) -> tuple[list[int], str] | None:
-    """The text's ids by the first directory's tokenizer that loads; None when no tokenizer covers the text.
-
-    Returns (ids, description); raises when no directory has a tokenizer at all."""
-    tok, where = _load_tokenizer(tokenizer_dirs)
-    ids = [int(t) for t in tok.encode(text, add_special_tokens=False)]
-    unk = getattr(tok, "unk_token_id", None)
+    """The text's ids by the first directory's tokenizer; None when that tokenizer does not cover the text.
+    Raises when no directory has a tokenizer at all."""
+    encode, unk, where = _load_tokenizer(tokenizer_dirs)
+    ids = [int(t) for t in encode(text)]
     unknown = sum(1 for t in ids if t == unk) / max(len(ids), 1) if unk is not None else 0.0
     if not ids or unknown > MAX_UNKNOWN_SHARE:
         return None
@@ -88,19 +86,38 @@ def random_ids(n_tokens: int, vocab_size: int, seed: int = RANDOM_SEED) -> list[
 
 
 def _load_tokenizer(dirs: list[Path]):
-    from transformers import AutoTokenizer
-
+    """(encode(text) -> ids, unknown token id or None, directory) of the first tokenizer found: `tokenizer.json` through
+    the tokenizers library (the file transformers' fast tokenizers read), else transformers' AutoTokenizer."""
     errors = []
     for d in dirs:
-        if not any((d / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            errors.append(f"{d}: no tokenizer files")
-            continue
+        fast = d / "tokenizer.json"
         try:
-            return AutoTokenizer.from_pretrained(str(d), local_files_only=True), d
-        except Exception as e:  # transformers raises many kinds for an unusable tokenizer
+            if fast.is_file():
+                from tokenizers import Tokenizer
+
+                tok = Tokenizer.from_file(str(fast))
+                unk_token = _unk_token(d)
+                unk = tok.token_to_id(unk_token) if unk_token else None
+                return (lambda s, _t=tok: _t.encode(s, add_special_tokens=False).ids), unk, d
+            if (d / "tokenizer_config.json").is_file() or (d / "tokenizer.model").is_file():
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+                return (lambda s, _t=tok: _t.encode(s, add_special_tokens=False)), getattr(tok, "unk_token_id", None), d
+            errors.append(f"{d}: no tokenizer files")
+        except Exception as e:  # the libraries raise many kinds for an unusable tokenizer
             errors.append(f"{d}: {type(e).__name__}: {e}")
     raise FmtconvError("no tokenizer to turn the text into token ids (" + "; ".join(errors) + "); pass --tokens FILE "
                        "(a JSON list of lists of token ids)")
+
+
+def _unk_token(d: Path) -> str | None:
+    try:
+        cfg = json.loads((d / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    unk = cfg.get("unk_token")
+    return unk.get("content") if isinstance(unk, dict) else unk
 
 
 def token_batch(*, tokens_file: Path | None, text_file: Path | None, tokenizer_dirs: list[Path], vocab_size: int,
