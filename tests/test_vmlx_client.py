@@ -166,3 +166,18 @@ def test_sequence_logits_runs_each_decoder_layer_object_in_order():
     assert seen == list(range(len(layers)))
     assert np.array_equal(logits[0, -1], last)
     assert np.array_equal(np.array(VMLX.sequence_logits(model, ids[:, :7]))[0, -1], np.array(model(ids[:, :7])[0, -1]))
+
+
+def test_eval_runs_jangs_model_streamed_as_held_whole(tmp_path):
+    """`fmtconv eval` on a vMLX bundle: the streamed pass (hooks on jang's decoder layer objects) agrees with both models
+    held whole, and its teacher is the reference forward above."""
+    from fmtconv.convert.check.eval import TokenBatch, evaluate, evaluate_direct
+
+    convert(V4, tmp_path / "out", recipe="q4q8", runtime="vmlx", kernel_backend="cpu")
+    ids = tokens_for(V4)
+    tokens = TokenBatch([ids], "tokens_for")
+    streamed, direct = evaluate(tmp_path / "out", V4, tokens), evaluate_direct(tmp_path / "out", V4, tokens)
+    assert streamed.runtime == "vmlx" and len(streamed.layers) == 3
+    for key in ("kl_mean", "top1", "top5", "ppl_student"):
+        assert streamed.metrics[key] == pytest.approx(direct.metrics[key], rel=1e-5, abs=1e-12), key
+    np.testing.assert_allclose(streamed.teacher_logits[0, : len(ids)], reference_logits(), rtol=1e-5, atol=1e-5)

@@ -77,11 +77,6 @@ class ModelLayout:
     def is_multimodal(self, name: str) -> bool:
         return name.startswith(self.multimodal_prefixes) if self.multimodal_prefixes else False
 
-    def runtime_name(self, name: str) -> str:
-        """The parameter path the runtime's sanitize gives the stored tensor `name`: the name itself for layouts that
-        store post-sanitize names (mlx-lm's and mlx-vlm's)."""
-        return name
-
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
         """The output tensors, and the checkpoint names of weights deliberately dropped (e.g. MTP layers)."""
         raise NotImplementedError
