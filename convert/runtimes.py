@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -150,10 +151,10 @@ class Vmlx(Runtime):
         return self.model_type(config) in self.MODELS and self.installed()
 
     def _load_model(self, bundle: Path) -> Any:
-        import json
-
-        config = json.loads((bundle / "config.json").read_text())
-        importlib.import_module(self.REGISTER[self.model_type(config)])  # installs mlx_lm.models.<model_type>
+        model_type = self.model_type(json.loads((bundle / "config.json").read_text()))
+        if model_type not in self.REGISTER:
+            raise FmtconvError(f"vMLX has no model for model_type {model_type!r} (only {', '.join(self.REGISTER)})", file=bundle)
+        importlib.import_module(self.REGISTER[model_type])  # installs mlx_lm.models.<model_type>
         from mlx_lm.utils import load_model
 
         return load_model(bundle, lazy=True, strict=True)[0]

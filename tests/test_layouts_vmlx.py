@@ -164,7 +164,7 @@ def test_the_card_names_vmlx_and_shows_its_usage(bundle):
     assert "from vmlx_engine.utils.tokenizer import load_model_with_fallback" in card
 
 
-def test_the_plan_command_shows_runtime_paths(capsys):
+def test_the_plan_command_shows_runtime_paths():
     run = subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", "plan", str(V4), "--runtime", "vmlx", "--json"],
                          capture_output=True, text=True)
     out = json.loads(run.stdout)
