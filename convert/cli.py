@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fmtconv import __version__
+from fmtconv.convert.runtimes import RUNTIMES
 from fmtconv.convert.units import human_bytes
 from fmtconv.errors import FmtconvError
 
@@ -108,12 +109,16 @@ def _plan_table(p, title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("module pattern", "mode", "bits", "group", "dtype", "route", "count", "params", "bytes"):
+    renamed = any(t.runtime_module != t.target.module for t in p.tensors)  # vMLX: stored names, runtime paths differ
+    columns = ("module pattern", *(("runtime path",) if renamed else ()), "mode", "bits", "group", "dtype", "route", "count",
+               "params", "bytes")
+    for col in columns:
         table.add_column(col, overflow="fold", justify="right" if col in ("bits", "group", "count", "params", "bytes") else "left")
     for r in p.table():
         quant = r["mode"] != "dense"
-        table.add_row(r["pattern"], r["mode"], str(r["bits"]) if quant else "-", str(r["group_size"]) if quant else "-",
-                      r["dtype"], r["route"], str(r["count"]), f"{r['params']:,}", human_bytes(r["bytes"]))
+        table.add_row(r["pattern"], *((r["runtime_path"],) if renamed else ()), r["mode"], str(r["bits"]) if quant else "-",
+                      str(r["group_size"]) if quant else "-", r["dtype"], r["route"], str(r["count"]), f"{r['params']:,}",
+                      human_bytes(r["bytes"]))
     return table
 
 
@@ -322,8 +327,9 @@ def _add_common(p: argparse.ArgumentParser, with_out: bool) -> None:
     p.add_argument("--encoder", default="minmax", choices=["minmax", "mse"],
                    help="affine scales/biases: minmax (MLX's own, bit-exact with mx.quantize, default) or mse "
                         "(error-minimising, same format and size); a recipe rule's `encoder` overrides it")
-    p.add_argument("--runtime", choices=["mlx-lm", "mlx-vlm"],
-                   help="the MLX package the bundle is written for (default: the one that owns the model_type)")
+    p.add_argument("--runtime", choices=list(RUNTIMES),
+                   help="the MLX package the bundle is written for (default: the one that owns the model_type; "
+                        "vmlx: vMLX's DeepSeek-V4)")
     p.add_argument("--max-shard-size", type=_parse_size, default="5GiB", help="shard size cap (default 5GiB, as mlx_lm)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--revision", help="hub revision when SRC is a repo id (org/name)")
@@ -392,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="SQNR floor in dB for outliers (default: per output kind)")
     p.add_argument("--compare-encoders", action="store_true",
                    help="with --source: re-encode every affine module with minmax and with mse, SQNR per module pattern")
-    p.add_argument("--runtime", nargs="?", const="", choices=["", "mlx-lm", "mlx-vlm"],
+    p.add_argument("--runtime", nargs="?", const="", choices=["", *RUNTIMES],
                    help="also check the bundle against the runtime's own model class (default: the one it was written for)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_verify)

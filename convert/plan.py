@@ -50,6 +50,12 @@ class PlannedTensor:
     parts: list[TensorSpec] = field(default_factory=list)
     rule: str = ""
     encoder: str | None = None  # affine re-quantization only: "minmax" | "mse"
+    # The runtime's path of the module (ModelLayout.runtime_module): what recipe rules match and quantization keys
+    # name; the stored module path (target.module) where the layout stores post-sanitize names.
+    runtime_module: str = ""
+
+    def __post_init__(self) -> None:
+        self.runtime_module = self.runtime_module or self.target.module
 
     @property
     def nbytes(self) -> int:
@@ -125,7 +131,8 @@ class Plan:
         return {spec.name: names[i] for i, shard in enumerate(self.shards) for spec in shard}
 
     def quantization(self) -> dict[str, Any]:
-        """mlx_lm's `quantization` block: the most common (group, bits, mode) as default, per-module overrides."""
+        """mlx_lm's `quantization` block: the most common (group, bits, mode) as default, per-module entries keyed by
+        the runtime's module paths (for the modules off the default, or for every one where the layout asks)."""
         quant = [t for t in self.tensors if t.quantized]
         if not quant:
             return {}
@@ -133,8 +140,8 @@ class Plan:
         (g, b, m), _ = Counter(key(t) for t in quant).most_common(1)[0]
         q: dict[str, Any] = {"group_size": g, "bits": b, "mode": m}
         for t in quant:
-            if key(t) != (g, b, m) or self.layout.draft_kind is not None:  # a drafter's: every module by its path
-                q[t.target.module] = {"group_size": t.group_size, "bits": t.bits, "mode": t.mode}
+            if key(t) != (g, b, m) or self.layout.explicit_quantization:
+                q[t.runtime_module] = {"group_size": t.group_size, "bits": t.bits, "mode": t.mode}
         return q
 
     def fingerprint(self) -> str:
@@ -153,15 +160,18 @@ class Plan:
         return {module_pattern(t.target.module): t.encoder for t in self.tensors if t.encoder is not None}
 
     def table(self) -> list[dict[str, Any]]:
-        """Per module pattern (layer index -> {i}): mode, bits, group size, route, count, bytes."""
+        """Per stored name pattern (layer index -> {i}): the runtime's path (a quantized module's, else the tensor's), mode,
+        bits, group size, route, count, bytes."""
         rows: dict[tuple, dict[str, Any]] = {}
         for t in self.tensors:
             if t.route == DROP:
                 continue
             pattern = module_pattern(t.target.name)
             k = (pattern, t.mode, t.bits, t.group_size, t.dtype if not t.quantized else "", t.route)
-            r = rows.setdefault(k, {"pattern": pattern, "mode": t.mode, "bits": t.bits, "group_size": t.group_size,
-                                    "dtype": t.dtype, "route": t.route, "count": 0, "params": 0, "bytes": 0})
+            runtime = t.runtime_module if t.quantized else self.layout.runtime_name(t.target.name)
+            r = rows.setdefault(k, {"pattern": pattern, "runtime_path": module_pattern(runtime), "mode": t.mode,
+                                    "bits": t.bits, "group_size": t.group_size, "dtype": t.dtype, "route": t.route, "count": 0,
+                                    "params": 0, "bytes": 0})
             r["count"] += 1
             r["params"] += t.params
             r["bytes"] += t.nbytes
@@ -202,7 +212,7 @@ class Plan:
             "rounding": self.rounding,
             "encoder": self.encoder,
             "tensors": [
-                {"name": t.target.name, "module": t.target.module, "route": t.route, "mode": t.mode, "bits": t.bits,
+                {"name": t.target.name, "module": t.runtime_module, "route": t.route, "mode": t.mode, "bits": t.bits,
                  "group_size": t.group_size, "dtype": t.dtype, "source_codec": t.source_codec, "shape": list(t.shape),
                  "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule, "encoder": t.encoder}
                 for t in self.tensors
@@ -358,8 +368,12 @@ def _plan_layout(layout: ModelLayout, source: _Source, recipe: Recipe, *, dtype:
         raise
     n_layers = num_layers_of(config)
     warnings: list[str] = []
-    planned = [_with_encoder(_plan_one(t, recipe, dtype, n_layers, warnings, layout, source.stored), recipe, n_layers, encoder)
-               for t in targets]
+    planned: list[PlannedTensor] = []
+    for t in targets:
+        module = layout.runtime_name(t.name).rsplit(".", 1)[0]
+        pt = _plan_one(t, module, recipe, dtype, n_layers, warnings, layout, source.stored)
+        pt.runtime_module = module
+        planned.append(_with_encoder(pt, recipe, n_layers, encoder))
     kept = [p for p in planned if p.route != DROP]
     dropped = list(dropped) + [s.name for p in planned if p.route == DROP for s in p.target.sources]
     seen: set[str] = set()
@@ -369,19 +383,20 @@ def _plan_layout(layout: ModelLayout, source: _Source, recipe: Recipe, *, dtype:
         seen.add(spec.name)
     shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
     return (Plan(source.path, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source.files,
-                 source.nbytes, encoder), [t.target.module for t in planned])
+                 source.nbytes, encoder), [t.runtime_module for t in planned])
 
 
 def _with_encoder(pt: PlannedTensor, recipe: Recipe, n_layers: int, default: str) -> PlannedTensor:
     """Affine re-quantizations get their rule's encoder, else the run's default."""
     if pt.route == REQUANT and pt.mode == "affine":
-        rule = recipe.target_for(pt.target.module, pt.source_codec, quantizable=True, num_layers=n_layers)
+        rule = recipe.target_for(pt.runtime_module, pt.source_codec, quantizable=True, num_layers=n_layers)
         pt.encoder = getattr(rule, "encoder", None) or default
     return pt
 
 
-def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str], layout: ModelLayout,
-              stored: dict[str, str]) -> PlannedTensor:
+def _plan_one(t: TargetTensor, runtime_module: str, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str],
+              layout: ModelLayout, stored: dict[str, str]) -> PlannedTensor:
+    """The route, target and output parts of one tensor; rules match `runtime_module`, parts take the stored names."""
     codecs = {s.codec for s in t.sources}
     if len(codecs) != 1:
         raise FmtconvError(f"stacked sources mix codecs {sorted(codecs)}", tensor=t.name)
@@ -389,7 +404,7 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
     shape = target_shape(t)
     module = t.module
     quantizable = t.quantizable and t.name.endswith(".weight")
-    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers, multimodal=layout.is_multimodal(t.name))
+    rule = recipe.target_for(runtime_module, codec, quantizable=quantizable, num_layers=n_layers, multimodal=layout.is_multimodal(t.name))
     rule_desc = "" if rule is None else f"{rule.mode} (match {rule.match!r}{', layers ' + rule.layers if rule.layers else ''})"
     if rule is not None and rule.mode == "drop":
         return PlannedTensor(t, DROP, "dense", None, None, dtype, codec, shape, [], rule_desc)

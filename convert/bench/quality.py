@@ -24,7 +24,7 @@ def low_bit_classes(p: Any) -> dict[str, int]:
     fewest: dict[str, int] = {}
     for t in p.tensors:
         if t.quantized:
-            cls = module_class(t.target.module)
+            cls = module_class(t.runtime_module)
             fewest[cls] = min(fewest.get(cls, 99), int(t.bits))
     return {c: b for c, b in sorted(fewest.items()) if b <= LOW_BITS}
 

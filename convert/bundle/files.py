@@ -12,8 +12,9 @@ from fmtconv.formats.safetensors_io import INDEX_NAME
 if TYPE_CHECKING:
     from fmtconv.convert.plan import Plan
 
-# Files of a source that the bundle must not carry over: weights, rewritten config, FP quant metadata.
-_NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json"}
+# Files of a source that the bundle must not carry over: weights, rewritten config, the source's quantization metadata
+# (ModelOpt's; JANG's, which would also send vMLX down jang's own loader, vmlx_engine/utils/jang_loader.py).
+_NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json", "jang_config.json"}
 
 
 def copy_side_files(src: Path, dst: Path, with_readme: bool = False) -> list[str]:

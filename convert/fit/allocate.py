@@ -79,7 +79,7 @@ def fit_recipe(source: str | Path, budget: int, *, tokens: TokenBatch, constrain
     units: list[Unit] = []
     for u in all_units:
         free = [t for t in u.tensors if constraints is None or constraints.target_for(
-            t.target.module, t.source_codec, quantizable=True, num_layers=n_layers,
+            t.runtime_module, t.source_codec, quantizable=True, num_layers=n_layers,
             multimodal=keep_plan.layout.is_multimodal(t.target.name)) is None]
         pinned |= {t.target.name for t in u.tensors if t not in free}
         if free:

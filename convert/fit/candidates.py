@@ -66,7 +66,7 @@ class Unit:
 
     @property
     def modules(self) -> list[str]:
-        return [t.target.module for t in self.tensors]
+        return [t.runtime_module for t in self.tensors]  # what recipes match
 
     @property
     def params(self) -> int:
@@ -108,11 +108,11 @@ def units_of(keep_plan: Plan) -> tuple[list[Unit], list[PlannedTensor]]:
     units: dict[tuple[int | None, str], Unit] = {}
     fixed = []
     for t in keep_plan.tensors:
-        cls = module_class(t.target.module)
+        cls = module_class(t.runtime_module)
         quantizable = t.target.quantizable and t.target.name.endswith(".weight")
         if not quantizable or cls in FIXED_CLASSES or keep_plan.layout.is_multimodal(t.target.name):
             fixed.append(t)
             continue
-        key = (layer_of(t.target.module), cls)
+        key = (layer_of(t.runtime_module), cls)
         units.setdefault(key, Unit(key[0], cls)).tensors.append(t)
     return sorted(units.values(), key=lambda u: (u.layer is not None, u.layer or 0, u.cls)), fixed

@@ -12,7 +12,7 @@ from fmtconv.convert.runtimes import owner_of, runtime_named
 from fmtconv.errors import FmtconvError
 
 # One module per family and runtime; each defines one ModelLayout subclass with its model_types.
-_FAMILY_MODULES = ("deepseek_v4", "deepseek_v41", "deepseek_v3", "gpt_oss", "step3p7", "step3p5", "glm4_moe_lite", "qwen3_moe")
+_FAMILY_MODULES = ("deepseek_v4", "deepseek_v4_vmlx", "deepseek_v41", "deepseek_v3", "gpt_oss", "step3p7", "step3p5", "glm4_moe_lite", "qwen3_moe")
 # Releases with a trained MTP layer (`--mtp`): main layout family -> (release, the drafter model_type of the runtime
 # that runs it, mlx-vlm's speculative/drafters), and fmtconv's drafter layout module per drafter model_type.
 DRAFTERS = {"deepseek_v4": ("DeepSeek-V4-Flash", "deepseek_v4_mtp"), "glm4_moe_lite": ("GLM-4.7-Flash", "glm4_moe_lite_mtp")}
@@ -98,8 +98,36 @@ def _for_runtime(cls: type[ModelLayout], runtime: str, model_type: Any) -> Model
         return cls()
     if cls.runtime == "mlx-lm" and runtime == "mlx-vlm" and cls.mlx_vlm_wraps:
         return MlxVlmWrapped(cls())
-    raise FmtconvError(f"fmtconv has no {runtime} layout for model_type {model_type!r}: its {cls.family} layout is "
-                       f"written for {cls.runtime}'s module tree, which {runtime}'s model does not share")
+    served = sorted({m for c in all_layouts() if c.runtime == runtime for m in c.model_types})
+    if served and runtime not in ("mlx-lm", "mlx-vlm"):
+        why = f"fmtconv writes {runtime} bundles only for model_type {', '.join(served)}"
+    else:
+        why = f"its {cls.family} layout is written for {cls.runtime}'s module tree, which {runtime}'s model does not share"
+    raise FmtconvError(f"fmtconv has no {runtime} layout for model_type {model_type!r}: {why}; "
+                       f"{model_type!r} is loaded by {runtimes_for(model_type, cls)}")
 
 
-__all__ = ["DRAFTERS", "ModelLayout", "TargetTensor", "GenericLayout", "MlxVlmWrapped", "all_layouts", "drafter_layout_for", "drafter_layout_named", "layout_for"]
+def runtimes_for(model_type: Any, cls: type[ModelLayout] | None = None) -> str:
+    """The runtimes fmtconv writes a model_type for, the owner (the default) first: "mlx-lm (the default) or mlx-vlm"."""
+    classes = [c for c in all_layouts() if model_type in c.model_types] or [cls or GenericLayout]
+    names = [c.runtime for c in classes] + ["mlx-vlm" for c in classes if c.runtime == "mlx-lm" and c.mlx_vlm_wraps]
+    owner = owner_of(model_type).name
+    ordered = [owner] + sorted(set(names) - {owner})
+    return " or ".join(f"{n} (the default)" if n == owner else f"{n} (--runtime {n})" for n in ordered)
+
+
+def bundle_layout(config: dict[str, Any]) -> ModelLayout:
+    """The layout a bundle was written with (config.json's fmtconv record: layout and runtime; a drafter's by its
+    model_type), else its model_type owner's."""
+    drafter = drafter_layout_named(config.get("model_type"))
+    if drafter is not None:
+        return drafter
+    prov = config.get("fmtconv") if isinstance(config.get("fmtconv"), dict) else {}
+    try:
+        return layout_for(config, prov.get("layout"), prov.get("runtime"))
+    except FmtconvError:
+        return GenericLayout()
+
+
+__all__ = ["DRAFTERS", "ModelLayout", "TargetTensor", "GenericLayout", "MlxVlmWrapped", "all_layouts", "bundle_layout",
+           "drafter_layout_for", "drafter_layout_named", "layout_for", "runtimes_for"]

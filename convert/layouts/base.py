@@ -1,7 +1,9 @@
 """What a model layout is: the mapping from a release's logical weights to the tensors one runtime's model holds.
 
-A layout is written for one runtime (`mlx-lm` or `mlx-vlm`, fmtconv.convert.runtimes) and mirrors its
-model module's post-sanitize module tree; the release's own naming facts live in fmtconv.convert.releases.
+A layout is written for one runtime (`mlx-lm`, `mlx-vlm` or `vmlx`, fmtconv.convert.runtimes) and mirrors its
+model module's module tree; the release's own naming facts live in fmtconv.convert.releases.  The mlx-lm and
+mlx-vlm layouts store the runtime's post-sanitize names; the vMLX one stores the release's own names, which
+its runtime's sanitize renames (`runtime_name`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fmtconv.formats.base import SourceGroup
 
 @dataclass(frozen=True)
 class TargetTensor:
-    """One tensor of the output bundle, named as the runtime's model looks it up after sanitize()."""
+    """One tensor of the output bundle, under the name it is stored with (ModelLayout.runtime_name: its runtime path)."""
 
     name: str  # e.g. "model.layers.0.mlp.switch_mlp.gate_proj.weight"
     sources: tuple[SourceGroup, ...]  # more than one: stacked along a new leading axis, in order
@@ -31,7 +33,7 @@ class TargetTensor:
 
     @property
     def module(self) -> str:
-        """The module path the runtime uses for per-module quantization overrides."""
+        """The stored module path: the prefix of the module's `.weight`, `.scales` and `.biases` in the shards."""
         return self.name.rsplit(".", 1)[0]
 
 
@@ -54,8 +56,19 @@ class ModelLayout:
     # and so do fmtconv's recipes unless a rule names them explicitly.
     multimodal_prefixes: ClassVar[tuple[str, ...]] = ()
     # Drafter layouts (`--mtp`): the runtime's speculative-decoding kind ("mtp"); None for a model's own layout.
-    # A drafter's config lists every quantized module explicitly (mlx-vlm applies a bare default only by heuristics).
     draft_kind: ClassVar[str | None] = None
+    # Whether config.json's `quantization` block names every quantized module, not only those off the default (a
+    # drafter's: mlx-vlm applies a bare default only by heuristics; vMLX's: jang's loader is keyed by its own paths).
+    explicit_quantization: ClassVar[bool] = False
+
+    def runtime_name(self, name: str) -> str:
+        """The parameter path the runtime's sanitize() gives the stored tensor `name` (these layouts store
+        post-sanitize names, so the name itself)."""
+        return name
+
+    def runtime_module(self, module: str) -> str:
+        """The runtime's module path for a stored module path: what recipes match and quantization keys name."""
+        return self.runtime_name(f"{module}.weight").rsplit(".", 1)[0]
 
     def keeps_source_dtype(self, name: str) -> bool:
         return any(s in name for s in self.uncast)
@@ -66,11 +79,6 @@ class ModelLayout:
 
     def is_multimodal(self, name: str) -> bool:
         return name.startswith(self.multimodal_prefixes) if self.multimodal_prefixes else False
-
-    def runtime_name(self, name: str) -> str:
-        """The parameter path the runtime's sanitize gives the stored tensor `name`: the name itself for layouts that
-        store post-sanitize names (mlx-lm's and mlx-vlm's)."""
-        return name
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
         """The output tensors, and the checkpoint names of weights deliberately dropped (e.g. MTP layers)."""

@@ -48,6 +48,7 @@ class DeepseekV4MtpLayout(ModelLayout):
     model_types = (DRAFTER_MODEL_TYPE,)
     runtime = "mlx-vlm"
     draft_kind = "mtp"
+    explicit_quantization = True
     # The drafter declares no cast_predicate; its block is the main model's DeepseekV4Block, whose predicate
     # (language.py LanguageModel.cast_predicate) keeps these float32, as mlx-vlm's own splitter writes them.
     uncast = ("attn_sink", "e_score_correction_bias", ".attn_hc.", ".ffn_hc.", "hc_head.")

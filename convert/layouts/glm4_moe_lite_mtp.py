@@ -39,6 +39,7 @@ class Glm4MoeLiteMtpLayout(ModelLayout):
     model_types = (DRAFTER_MODEL_TYPE,)
     runtime = "mlx-vlm"
     draft_kind = "mtp"
+    explicit_quantization = True
     uncast = ("e_score_correction_bias",)  # the splitter keeps it float32 ("casting it breaks routing")
     mlx_vlm_wraps = False
 

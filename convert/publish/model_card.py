@@ -223,6 +223,14 @@ def render_model_card(
     draft_kind = (config.get("fmtconv") or {}).get("draft_kind")
     if draft_kind is not None:
         out += _drafter_usage(config, main=f"path/to/{pair}" if pair else "path/to/the/main/model", draft=target, kind=draft_kind)
+    elif runtime == "vmlx":
+        out += ["## Use with vMLX", "",
+                "vMLX runs this bundle with jang's DeepSeek-V4 model, through its plain mlx-lm route (the bundle has no "
+                "`jang_config.json`); its OpenAI-compatible server:", "",
+                "```bash", "pip install vmlx", f"vmlx serve {target} --port 8000", "```", "",
+                "or its loader, in Python:", "", "```python",
+                "from vmlx_engine.utils.tokenizer import load_model_with_fallback", "",
+                f'model, tokenizer = load_model_with_fallback("{target}")', "```", ""]
     elif runtime == "mlx-vlm":
         out += ["## Use with mlx-vlm", "", "```bash", "pip install mlx-vlm", "```", "", "```python",
                 "from mlx_vlm import generate, load", "", f'model, processor = load("{target}")',

@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from fmtconv.formats.base import SourceGroup
+
 EXPERT_KEY = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.(w[123])\.weight")
+_LAYER = re.compile(r"layers\.(\d+)\.")
 # w1 = gate, w2 = down, w3 = up (inference/model.py Expert: w2(act(w1(x)) * w3(x))).
 EXPERT_PROJ = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}
 MTP_PREFIX = "mtp."
@@ -46,6 +49,23 @@ def mtp_part(name: str) -> tuple[int, str] | None:
     """`mtp.K.rest` -> (K, rest); None for the main model's names."""
     m = MTP_KEY.fullmatch(name)
     return (int(m[1]), m[2]) if m else None
+
+
+def split_groups(groups: list[SourceGroup], n_layers: int) -> tuple[list[SourceGroup], dict[tuple[str, str], dict[int, SourceGroup]], list[str]]:
+    """The release's weights in three: the ones stored whole; the routed experts, by (`layers.N.ffn`, w1/w2/w3) and
+    expert index; the names runtimes drop (the MTP layer, layers beyond num_hidden_layers)."""
+    whole: list[SourceGroup] = []
+    experts: dict[tuple[str, str], dict[int, SourceGroup]] = {}
+    dropped: list[str] = []
+    for g in groups:
+        layer = _LAYER.match(g.name)
+        if is_mtp(g.name) or (layer and int(layer[1]) >= n_layers):
+            dropped.append(g.name)
+        elif m := EXPERT_KEY.fullmatch(g.name):
+            experts.setdefault((f"layers.{m[1]}.ffn", m[3]), {})[int(m[2])] = g
+        else:
+            whole.append(g)
+    return whole, experts, dropped
 
 
 def without_fp4_experts(config: dict[str, Any]) -> dict[str, Any]:
