@@ -60,6 +60,27 @@ def iter_jobs(pt: PlannedTensor) -> Iterator[Job]:
             yield Job(pt, k, a, min(g.rows, a + step_rows), k * out_per_src + a // mat * n_sel)
 
 
+def kernel_keys(plan: Plan) -> set[str]:
+    """The compiled kernels (fmtconv.kernels keys) the plan's jobs call, as TensorEncoder._encode picks routes: what a
+    conversion compiles or loads before its workers start (a job that falls back to another route compiles that one
+    when it first runs)."""
+    from fmtconv import kernels
+
+    keys = set()
+    for pt in plan.tensors:
+        if pt.route != REQUANT or pt.mode != "affine" or pt.encoder == "mse":
+            continue  # the other routes run kernels_ref (NumPy)
+        codec = pt.target.sources[0].codec
+        if pt.target.transform is None and codec == "mxfp4":
+            keys.add(kernels.MXFP4)
+        elif pt.target.transform is None and codec == "fp8_block" and pt.target.rows is None and (
+                pt.target.sources[0].params.get("scale_kind") == "e8m0" or plan.rounding == "mlx-lm"):
+            keys.add(kernels.FP8_E8M0 if pt.target.sources[0].params.get("scale_kind") == "e8m0" else kernels.FP8_FLOAT)
+        else:
+            keys.add(kernels.dense(COMPUTE_DTYPES[pt.dtype]))
+    return keys
+
+
 def select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:
     """The target's axis -2 selection applied to rows of whole source matrices (flattened to 2-D)."""
     sel = _row_slice(pt)
