@@ -55,6 +55,7 @@ class Converter(TensorEncoder):
         self._done_bytes = 0
         self._done_lock = threading.Lock()
         self._pool = ChunkPool()  # the shards' write buffers, reused from shard to shard
+        self.kernels: dict[str, Any] = {}  # kernels warmed up by this run: seconds, and whether numba compiled them
 
     # ---- one shard -----------------------------------------------------------------------------
     def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, ShardWriter]) -> int:
@@ -168,7 +169,7 @@ class Converter(TensorEncoder):
             from fmtconv.kernels import auto_for, warm_up
 
             auto_for(self.plan.total_params)
-            warm_up(kernel_keys(self.plan))  # compile or load the plan's kernels now, not inside the first jobs
+            self.kernels = warm_up(kernel_keys(self.plan))  # compile or load the plan's kernels now, not in the first jobs
             try:
                 with Checkpoint(self.plan.source) as ck:
                     for i, fname in enumerate(self.plan.shard_files):
@@ -204,6 +205,7 @@ class Converter(TensorEncoder):
         wall = time.perf_counter() - t0
         out = summary(self.plan, self.out, wall)
         out["conformance"] = [c.to_json() for c in self.conformance]
+        out["kernels"] = self.kernels
         out["warnings"] = out["warnings"] + list(dict.fromkeys(c.skipped for c in self.conformance if c.skipped))
         return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterable
 
 import ml_dtypes
@@ -122,14 +123,31 @@ def _warm_one(key: str) -> None:
         raise ValueError(f"unknown kernel {key!r}; expected one of {KEYS}")
 
 
-def warm_up(keys: Iterable[str] | None = None) -> None:
+def warm_up(keys: Iterable[str] | None = None) -> dict[str, dict[str, float | bool]]:
     """Compile (or load from numba's on-disk cache) the kernels `keys` names (every kernel when None), on tiny inputs,
     before worker threads start: a conversion compiles only what its routes call (a kernel not named here still
-    compiles on its first call)."""
+    compiles on its first call).  Returns, per kernel warmed now, its seconds and whether numba had to compile it."""
+    done: dict[str, dict[str, float | bool]] = {}
     if not compiled():
-        return
+        return done
     with _warm_lock:
         for key in KEYS if keys is None else sorted(keys):
             if key not in _warm:
+                misses, t0 = _cache_misses(), time.perf_counter()
                 _warm_one(key)
+                done[key] = {"seconds": round(time.perf_counter() - t0, 3), "compiled": _cache_misses() > misses}
                 _warm.add(key)
+    return done
+
+
+def _cache_misses() -> int:
+    """How many signatures numba compiled (found no cached machine code for) so far, over this package's kernels."""
+    from . import affine, fp8, mxfp4, packing
+
+    n = 0
+    for mod in (affine, fp8, mxfp4, packing):
+        for obj in vars(mod).values():
+            misses = getattr(getattr(obj, "stats", None), "cache_misses", None)
+            if misses is not None:
+                n += sum(misses.values())
+    return n
