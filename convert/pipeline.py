@@ -27,7 +27,7 @@ from fmtconv import __version__
 from fmtconv.convert.plan import Plan
 from fmtconv.convert.bundle.files import copy_side_files, output_config
 from fmtconv.convert.check.conformance import check_plan, enforce
-from fmtconv.convert.encode import Job, TensorEncoder, iter_jobs, kernel_keys
+from fmtconv.convert.encode import Job, TensorEncoder, block_elements, iter_jobs, kernel_keys
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.safetensors_io import Checkpoint, write_index
 from fmtconv.formats.shard_writer import ChunkPool, ShardWriter, shard_digest
@@ -90,7 +90,7 @@ class Converter(TensorEncoder):
         tensors = [pt for pt in self.plan.tensors if any(p.name in names for p in pt.parts)]
         writer = ShardWriter(self.partial / fname, specs, {"format": "mlx"}, pool=self._pool)
         writers = {s.name: writer for s in specs}
-        jobs = [list(iter_jobs(pt)) for pt in tensors]
+        jobs = [list(iter_jobs(pt, block_elements(self.plan, pt))) for pt in tensors]
         left = [len(j) for j in jobs]
 
         def job_done(f: cf.Future) -> None:

@@ -102,8 +102,10 @@ def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
 
 def test_two_sizes_report_scaling_and_repeats_take_the_median(tmp_path: Path, capsys) -> None:
     small = dict(TINY, layers=2)
-    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, cold=True, shape=small)
+    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, cold=True, shape=small,
+                             discard_data=True)
     capsys.readouterr()
+    assert not any(Path(r["checkpoint"]).exists() for r in report["runs"])  # --discard-data
     assert {r["page_cache"] for r in report["runs"]} <= {"cold", "warm"}
     for run in report["runs"]:
         walls = run["phases"]["copy"]["repeats_wall_s"]

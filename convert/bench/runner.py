@@ -333,8 +333,9 @@ def scaling_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool, keep: bool, *, workers: int | None = None,
               phases: tuple[str, ...] = PHASES, repeat: int = 1, cold: bool = False, shape: dict[str, Any] | None = None,
-              v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it."""
+              v3_shape: dict[str, Any] | None = None, discard_data: bool = False) -> dict[str, Any]:
+    """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it.
+    discard_data: remove each size's synthetic checkpoints once its phases are done (disk room for the next size)."""
     import json
 
     unknown = set(phases) - set(PHASES_ALL)
@@ -344,8 +345,14 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
         raise FmtconvError(f"--phases: unknown or no bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES_ALL)}")
     root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
-    reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
-                              cold=cold, shape=shape, v3_shape=v3_shape) for s in sizes]
+    reports = []
+    for s in sizes:
+        reports.append(bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
+                                      cold=cold, shape=shape, v3_shape=v3_shape))
+        if discard_data:
+            for key in ("checkpoint", "v3"):
+                where = reports[-1].get(key)
+                shutil.rmtree(where["checkpoint"] if isinstance(where, dict) else where, ignore_errors=True)
     if len(reports) == 1:
         result = reports[0]
     else:
