@@ -15,6 +15,7 @@ import numpy as np
 
 from fmtconv.convert.plan import CAST, COMPUTE_DTYPES, EXACT_AFFINE, PASSTHROUGH, REPACK, REQUANT, Plan, PlannedTensor
 from fmtconv.formats.dense import cast_integers
+from fmtconv.formats.dtypes import stored_dtype
 from fmtconv.formats.safetensors_io import Checkpoint
 
 # Elements of one row block; a few blocks are in flight per worker (each costs ~10-20 bytes/element).
@@ -167,6 +168,16 @@ class TensorEncoder:
             del parts
             for name in g.parts.values():
                 ck.release(name)
+
+    def encode_tensor(self, ck: Checkpoint, pt: PlannedTensor) -> dict[str, np.ndarray]:
+        """Every output part of one planned tensor, whole, in memory (its jobs assembled row block by row block):
+        what the pipeline would write for it, for the checks that run a model on a layer's weights."""
+        out = {spec.name: np.empty(spec.shape, dtype=stored_dtype(spec.dtype).numpy) for spec in pt.parts}
+        for job in iter_jobs(pt):
+            for name, rows in self.encode_job(ck, job).items():
+                flat = out[name].reshape(-1, out[name].shape[-1]) if out[name].ndim > 1 else out[name].reshape(1, -1)
+                flat[job.out_row : job.out_row + rows.shape[0]] = rows.reshape(-1, flat.shape[-1])
+        return out
 
     def _encode(self, pt: PlannedTensor, parts: dict[str, np.ndarray], job: Job) -> dict[str, np.ndarray]:
         """Output part arrays (by output tensor name) for one job's rows."""

@@ -29,8 +29,8 @@ from fmtconv.convert.bundle.files import copy_side_files, output_config
 from fmtconv.convert.check.conformance import check_plan, enforce
 from fmtconv.convert.encode import Job, TensorEncoder, block_elements, iter_jobs, kernel_keys
 from fmtconv.errors import FmtconvError
-from fmtconv.formats.safetensors_io import Checkpoint, write_index
-from fmtconv.formats.shard_writer import ChunkPool, ShardWriter, shard_digest
+from fmtconv.formats.safetensors_io import Checkpoint, PreallocatedSafetensorsWriter, write_index
+from fmtconv.formats.shard_writer import ChunkPool, shard_digest
 
 MANIFEST = "fmtconv-manifest.json"
 LOCK = ".fmtconv.lock"
@@ -54,11 +54,12 @@ class Converter(TensorEncoder):
         self.conformance: list[Any] = []  # the runtime checks, after planning and before the rename
         self._done_bytes = 0
         self._done_lock = threading.Lock()
+        self._t0 = time.perf_counter()  # reset by check(): the run's wall time starts there
         self._pool = ChunkPool()  # the shards' write buffers, reused from shard to shard
         self.kernels: dict[str, Any] = {}  # kernels warmed up by this run: seconds, and whether numba compiled them
 
     # ---- one shard -----------------------------------------------------------------------------
-    def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, ShardWriter]) -> int:
+    def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, PreallocatedSafetensorsWriter]) -> int:
         pt = job.tensor
         g = pt.target.sources[job.src]
         parts = {role: ck.array(name) for role, name in g.parts.items()}
@@ -88,7 +89,7 @@ class Converter(TensorEncoder):
         specs = self.plan.shards[index]
         names = {s.name for s in specs}
         tensors = [pt for pt in self.plan.tensors if any(p.name in names for p in pt.parts)]
-        writer = ShardWriter(self.partial / fname, specs, {"format": "mlx"}, pool=self._pool)
+        writer = PreallocatedSafetensorsWriter(self.partial / fname, specs, {"format": "mlx"}, pool=self._pool)
         writers = {s.name: writer for s in specs}
         jobs = [list(iter_jobs(pt, block_elements(self.plan, pt))) for pt in tensors]
         left = [len(j) for j in jobs]
@@ -147,13 +148,22 @@ class Converter(TensorEncoder):
 
     # ---- the whole run -------------------------------------------------------------------------
     def run(self, *, overwrite: bool = False, extra_files: Callable[[Path], None] | None = None) -> dict[str, Any]:
-        t0 = time.perf_counter()
+        """check, write, commit: OUT appears complete or not at all."""
+        self.check(overwrite)
+        self.write(extra_files)
+        return self.commit(overwrite)
+
+    def check(self, overwrite: bool = False) -> None:
+        """Refusals before anything is created: OUT, the planned tensors against the runtime's own model class, disk."""
+        self._t0 = time.perf_counter()
         check_out_path(self.plan.source, self.out, overwrite)
-        # Before anything is created: the planned tensors against the runtime's own model class.
         self.conformance = [enforce(check_plan(self.plan), where=self.out)]
-        resuming = self.partial.exists()
-        if not resuming:  # refuse before creating anything
+        if not self.partial.exists():
             check_disk_space(_existing_parent(self.partial), self.plan.total_bytes)
+
+    def write(self, extra_files: Callable[[Path], None] | None = None) -> None:
+        """Every shard, then index, config, side files and the runtime check, into OUT.partial (resumable)."""
+        resuming = self.partial.exists()
         self.partial.mkdir(parents=True, exist_ok=True)
         self._acquire_lock()
         writing = self.partial
@@ -192,6 +202,13 @@ class Converter(TensorEncoder):
                 raise
         finally:
             self._release_lock()
+
+    def discard(self) -> None:
+        """Remove OUT.partial (a written bundle whose companion failed on bad input)."""
+        _remove(self.partial)
+
+    def commit(self, overwrite: bool = False) -> dict[str, Any]:
+        """OUT.partial becomes OUT (replacing an old OUT only with overwrite); the run summary."""
         if self.out.exists():
             if not overwrite:
                 raise FmtconvError("output appeared during the conversion; not replacing it without --overwrite", file=self.out)
@@ -202,7 +219,7 @@ class Converter(TensorEncoder):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(self.partial, self.out)
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - self._t0
         out = summary(self.plan, self.out, wall)
         out["conformance"] = [c.to_json() for c in self.conformance]
         out["kernels"] = self.kernels

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from fmtconv import __version__
-from fmtconv.convert.layouts import ModelLayout, TargetTensor, layout_for
+from fmtconv.convert.layouts import ModelLayout, TargetTensor, drafter_layout_for, layout_for
 from fmtconv.convert.naming import module_pattern
 from fmtconv.convert.recipes import ENCODERS, FP_MODE_PARAMS, QUANT_MODES, AffineRule, Recipe
 from fmtconv.errors import FmtconvError
@@ -50,6 +50,12 @@ class PlannedTensor:
     parts: list[TensorSpec] = field(default_factory=list)
     rule: str = ""
     encoder: str | None = None  # affine re-quantization only: "minmax" | "mse"
+    # The runtime's path of the module (ModelLayout.runtime_module): what recipe rules match and quantization keys
+    # name; the stored module path (target.module) where the layout stores post-sanitize names.
+    runtime_module: str = ""
+
+    def __post_init__(self) -> None:
+        self.runtime_module = self.runtime_module or self.target.module
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +86,10 @@ class Plan:
     source_files: dict[str, tuple[int, int]]  # file name -> (size, mtime_ns), to detect changes
     source_bytes: int
     encoder: str = "minmax"  # the run's default affine encoder (a rule's `encoder` overrides it)
+    # `--mtp`: the drafter bundle's own plan (its layout, tensors and shards; written to OUT-mtp), else None.
+    drafter: Plan | None = None
+    # `--fit` / `--target-bpw`: the allocation behind this plan's recipe (fmtconv.convert.fit.allocate.FitResult.to_json).
+    fit: dict[str, Any] | None = None
 
     @property
     def shard_files(self) -> list[str]:
@@ -87,7 +97,13 @@ class Plan:
 
     @property
     def total_bytes(self) -> int:
+        """Bytes of this bundle's shards (the main bundle alone; see bytes_with_drafter)."""
         return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def bytes_with_drafter(self) -> int:
+        """Bytes of every bundle the run writes: this one's, plus the drafter's with `--mtp` (what a size budget counts)."""
+        return self.total_bytes + (self.drafter.total_bytes if self.drafter is not None else 0)
 
     @property
     def total_params(self) -> int:
@@ -108,14 +124,15 @@ class Plan:
         """The runtime's model module that will load the bundle, e.g. mlx_vlm.models.deepseek_v4."""
         from fmtconv.convert.runtimes import runtime_named
 
-        return runtime_named(self.runtime).model_module(self.config)
+        return runtime_named(self.runtime).model_module(self.layout.output_config(self.config))
 
     def weight_map(self) -> dict[str, str]:
         names = self.shard_files
         return {spec.name: names[i] for i, shard in enumerate(self.shards) for spec in shard}
 
     def quantization(self) -> dict[str, Any]:
-        """mlx_lm's `quantization` block: the most common (group, bits, mode) as default, per-module overrides."""
+        """mlx_lm's `quantization` block: the most common (group, bits, mode) as default, per-module entries keyed by
+        the runtime's module paths (for the modules off the default, or for every one where the layout asks)."""
         quant = [t for t in self.tensors if t.quantized]
         if not quant:
             return {}
@@ -123,8 +140,8 @@ class Plan:
         (g, b, m), _ = Counter(key(t) for t in quant).most_common(1)[0]
         q: dict[str, Any] = {"group_size": g, "bits": b, "mode": m}
         for t in quant:
-            if key(t) != (g, b, m):
-                q[t.target.module] = {"group_size": t.group_size, "bits": t.bits, "mode": t.mode}
+            if key(t) != (g, b, m) or self.layout.explicit_quantization:
+                q[t.runtime_module] = {"group_size": t.group_size, "bits": t.bits, "mode": t.mode}
         return q
 
     def fingerprint(self) -> str:
@@ -143,15 +160,18 @@ class Plan:
         return {module_pattern(t.target.module): t.encoder for t in self.tensors if t.encoder is not None}
 
     def table(self) -> list[dict[str, Any]]:
-        """Per module pattern (layer index -> {i}): mode, bits, group size, route, count, bytes."""
+        """Per stored name pattern (layer index -> {i}): the runtime's path (a quantized module's, else the tensor's), mode,
+        bits, group size, route, count, bytes."""
         rows: dict[tuple, dict[str, Any]] = {}
         for t in self.tensors:
             if t.route == DROP:
                 continue
             pattern = module_pattern(t.target.name)
             k = (pattern, t.mode, t.bits, t.group_size, t.dtype if not t.quantized else "", t.route)
-            r = rows.setdefault(k, {"pattern": pattern, "mode": t.mode, "bits": t.bits, "group_size": t.group_size,
-                                    "dtype": t.dtype, "route": t.route, "count": 0, "params": 0, "bytes": 0})
+            runtime = t.runtime_module if t.quantized else self.layout.runtime_name(t.target.name)
+            r = rows.setdefault(k, {"pattern": pattern, "runtime_path": module_pattern(runtime), "mode": t.mode,
+                                    "bits": t.bits, "group_size": t.group_size, "dtype": t.dtype, "route": t.route, "count": 0,
+                                    "params": 0, "bytes": 0})
             r["count"] += 1
             r["params"] += t.params
             r["bytes"] += t.nbytes
@@ -172,6 +192,15 @@ class Plan:
         return dict(dist)
 
     def to_json(self) -> dict[str, Any]:
+        out = self._json()
+        if self.fit is not None:
+            out["fit"] = self.fit
+        if self.drafter is not None:
+            out["drafter"] = self.drafter._json()
+            out["total_bytes_with_drafter"] = self.bytes_with_drafter
+        return out
+
+    def _json(self) -> dict[str, Any]:
         return {
             "source": str(self.source),
             "recipe": self.recipe.name,
@@ -183,7 +212,7 @@ class Plan:
             "rounding": self.rounding,
             "encoder": self.encoder,
             "tensors": [
-                {"name": t.target.name, "module": t.target.module, "route": t.route, "mode": t.mode, "bits": t.bits,
+                {"name": t.target.name, "module": t.runtime_module, "route": t.route, "mode": t.mode, "bits": t.bits,
                  "group_size": t.group_size, "dtype": t.dtype, "source_codec": t.source_codec, "shape": list(t.shape),
                  "sources": [s.name for s in t.target.sources], "bytes": t.nbytes, "rule": t.rule, "encoder": t.encoder}
                 for t in self.tensors
@@ -253,7 +282,8 @@ def target_shape(t: TargetTensor) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+def parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: str, shape: tuple[int, ...]) -> list[TensorSpec]:
+    """The stored tensors of one module quantized in `mode`: uint32 words, scales and (affine) biases, as MLX loads them."""
     lead, last = shape[:-1], shape[-1]
     words = last * bits // 32
     if mode == "affine":
@@ -262,6 +292,18 @@ def _parts_for(name: str, module: str, mode: str, bits: int, group: int, dtype: 
                 TensorSpec(f"{module}.biases", st, (*lead, last // group))]
     # MLX fp modes: uint32 words and uint8 (E8M0 / E4M3) scales, no biases (mlx/ops.cpp, quantize).
     return [TensorSpec(f"{module}.weight", "U32", (*lead, words)), TensorSpec(f"{module}.scales", "U8", (*lead, last // group))]
+
+
+@dataclass
+class _Source:
+    """What planning reads from the source once, whichever layouts plan from it."""
+
+    path: Path
+    config: dict[str, Any]
+    groups: list[Any]  # fmtconv.formats.base.SourceGroup
+    stored: dict[str, str]  # tensor name -> stored safetensors dtype
+    files: dict[str, tuple[int, int]]
+    nbytes: int
 
 
 def build_plan(
@@ -275,8 +317,10 @@ def build_plan(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     encoder: str = "minmax",
     runtime: str | None = None,
+    mtp: bool = False,
 ) -> Plan:
-    """Plan a conversion without writing anything (`runtime`: default, the one that owns the model_type)."""
+    """Plan a conversion without writing anything (`runtime`: default, the one that owns the model_type; `mtp`: also
+    plan the drafter bundle of the release's MTP layer, as `Plan.drafter`, with the same recipe and settings)."""
     from fmtconv.formats.grouping import find_groups
 
     src = Path(src)
@@ -291,48 +335,68 @@ def build_plan(
     config = read_config(src)
     dtype = compute_dtype_of(config, compute_dtype)
     layout = layout_for(config, family, runtime)
+    drafter_layout = drafter_layout_for(layout) if mtp else None
     with Checkpoint(src) as ck:
-        groups = find_groups(ck.tensors, config)
-        source_files = {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())}
-        source_bytes = sum(i.nbytes for i in ck.tensors.values())
-        stored = {name: info.dtype for name, info in ck.tensors.items()}
+        source = _Source(src, config, find_groups(ck.tensors, config), {name: info.dtype for name, info in ck.tensors.items()},
+                         {name: (f.stat().st_size, f.stat().st_mtime_ns) for name, f in ((n, sf.path) for n, sf in ck.files.items())},
+                         sum(i.nbytes for i in ck.tensors.values()))
+    settings = dict(dtype=dtype, kernel_backend=kernel_backend, rounding=rounding, max_shard_bytes=max_shard_bytes, encoder=encoder)
+    main, modules = _plan_layout(layout, source, recipe, **settings)
+    if drafter_layout is not None:
+        main.drafter, drafter_modules = _plan_layout(drafter_layout, source, recipe, **settings)
+        modules += drafter_modules
+    for pattern in recipe.unused_rules(modules):  # a rule for the drafter's modules alone is used
+        main.warnings.append(f"recipe rule match {pattern!r} selects no module")
+    return main
+
+
+def _plan_layout(layout: ModelLayout, source: _Source, recipe: Recipe, *, dtype: str, kernel_backend: str, rounding: str,
+                 max_shard_bytes: int, encoder: str) -> tuple[Plan, list[str]]:
+    """One bundle's plan: `layout`'s targets from the source, each given its route, target and shard; and the module
+    paths the recipe was asked about (dropped by a rule included)."""
+    config = source.config
     try:
-        targets, dropped = layout.targets(groups, config)
+        targets, dropped = layout.targets(source.groups, config)
     except KeyError as e:  # layouts index config.json directly for the fields they cannot do without
         key = e.args[0] if e.args else None
         if not isinstance(key, str) or key in config or key in (config.get("text_config") or {}):
             raise
-        raise FmtconvError(f"has no {key!r}; the {layout.family} layout needs it", file=src / "config.json") from None
+        raise FmtconvError(f"has no {key!r}; the {layout.family} layout needs it", file=source.path / "config.json") from None
+    except FmtconvError as e:
+        if e.file is None and e.tensor is None:  # a layout's refusal of the source as a whole
+            raise FmtconvError(str(e), file=source.path) from None
+        raise
     n_layers = num_layers_of(config)
     warnings: list[str] = []
     planned: list[PlannedTensor] = []
     for t in targets:
-        planned.append(_with_encoder(_plan_one(t, recipe, dtype, n_layers, warnings, layout, stored), recipe, n_layers, encoder))
-    for pattern in recipe.unused_rules(t.target.module for t in planned):
-        warnings.append(f"recipe rule match {pattern!r} selects no module")
+        module = layout.runtime_name(t.name).rsplit(".", 1)[0]
+        pt = _plan_one(t, module, recipe, dtype, n_layers, warnings, layout, source.stored)
+        pt.runtime_module = module
+        planned.append(_with_encoder(pt, recipe, n_layers, encoder))
     kept = [p for p in planned if p.route != DROP]
     dropped = list(dropped) + [s.name for p in planned if p.route == DROP for s in p.target.sources]
-    specs = [spec for p in kept for spec in p.parts]
     seen: set[str] = set()
-    for s in specs:
-        if s.name in seen:
-            raise FmtconvError(f"the layout maps two weights onto output tensor {s.name!r}", file=src, tensor=s.name)
-        seen.add(s.name)
+    for spec in (spec for p in kept for spec in p.parts):
+        if spec.name in seen:
+            raise FmtconvError(f"the layout maps two weights onto output tensor {spec.name!r}", file=source.path, tensor=spec.name)
+        seen.add(spec.name)
     shards = assign_shards([p.parts for p in kept if p.parts], max_shard_bytes)
-    return Plan(src, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source_files, source_bytes,
-                encoder)
+    return (Plan(source.path, config, dtype, kernel_backend, rounding, recipe, layout, kept, dropped, warnings, shards, source.files,
+                 source.nbytes, encoder), [t.runtime_module for t in planned])
 
 
 def _with_encoder(pt: PlannedTensor, recipe: Recipe, n_layers: int, default: str) -> PlannedTensor:
     """Affine re-quantizations get their rule's encoder, else the run's default."""
     if pt.route == REQUANT and pt.mode == "affine":
-        rule = recipe.target_for(pt.target.module, pt.source_codec, quantizable=True, num_layers=n_layers)
+        rule = recipe.target_for(pt.runtime_module, pt.source_codec, quantizable=True, num_layers=n_layers)
         pt.encoder = getattr(rule, "encoder", None) or default
     return pt
 
 
-def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str], layout: ModelLayout,
-              stored: dict[str, str]) -> PlannedTensor:
+def _plan_one(t: TargetTensor, runtime_module: str, recipe: Recipe, dtype: str, n_layers: int, warnings: list[str],
+              layout: ModelLayout, stored: dict[str, str]) -> PlannedTensor:
+    """The route, target and output parts of one tensor; rules match `runtime_module`, parts take the stored names."""
     codecs = {s.codec for s in t.sources}
     if len(codecs) != 1:
         raise FmtconvError(f"stacked sources mix codecs {sorted(codecs)}", tensor=t.name)
@@ -340,7 +404,7 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
     shape = target_shape(t)
     module = t.module
     quantizable = t.quantizable and t.name.endswith(".weight")
-    rule = recipe.target_for(module, codec, quantizable=quantizable, num_layers=n_layers, multimodal=layout.is_multimodal(t.name))
+    rule = recipe.target_for(runtime_module, codec, quantizable=quantizable, num_layers=n_layers, multimodal=layout.is_multimodal(t.name))
     rule_desc = "" if rule is None else f"{rule.mode} (match {rule.match!r}{', layers ' + rule.layers if rule.layers else ''})"
     if rule is not None and rule.mode == "drop":
         return PlannedTensor(t, DROP, "dense", None, None, dtype, codec, shape, [], rule_desc)
@@ -373,7 +437,7 @@ def _plan_one(t: TargetTensor, recipe: Recipe, dtype: str, n_layers: int, warnin
     else:
         route = REQUANT
     return PlannedTensor(t, route, rule.mode, bits, group, dtype, codec, shape,
-                         _parts_for(t.name, module, rule.mode, bits, group, dtype, shape), rule_desc)
+                         parts_for(t.name, module, rule.mode, bits, group, dtype, shape), rule_desc)
 
 
 __all__ = ["Plan", "PlannedTensor", "build_plan", "read_config", "compute_dtype_of", "COMPUTE_DTYPES", "FP_MODE_PARAMS",

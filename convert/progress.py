@@ -41,3 +41,25 @@ class RichProgress:
 
     def __exit__(self, *exc) -> None:
         self._live.stop()
+
+
+class StageProgress:
+    """One bar per stage of a layer-by-layer run (e.g. "student", "teacher"), each counting layers, with ETA."""
+
+    def __init__(self, description: str):
+        self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                  transient=False)
+        self._description = description
+        self._tasks: dict[str, int] = {}
+
+    def update(self, stage: str, done: int, total: int) -> None:
+        if stage not in self._tasks:
+            self._tasks[stage] = self._progress.add_task(f"{self._description}: {stage} layers", total=total)
+        self._progress.update(self._tasks[stage], completed=done, total=total)
+
+    def __enter__(self) -> "StageProgress":
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()

@@ -222,6 +222,18 @@ PRESETS: dict[str, dict[str, Any]] = {
             {"mode": "affine", "bits": 8, "on_indivisible": "keep"},
         ],
     },
+    "v4_q3": {
+        "name": "v4_q3",
+        "description": "the published DeepSeek-V4-Flash Q3 bundle's recipe (group 128): routed experts 3-bit, their down_proj "
+                       "6-bit in mlx_lm's 'more bits' layers; embedding, head, attention, compressor and indexer, shared "
+                       "experts 6-bit",
+        "rules": [
+            {"match": rf"{_EXPERTS}down_proj", "layers": MLX_LM_MORE_BITS, "mode": "affine", "bits": 6, "group_size": 128,
+             "on_indivisible": "keep"},
+            {"match": _EXPERTS, "mode": "affine", "bits": 3, "group_size": 128, "on_indivisible": "keep"},
+            {"mode": "affine", "bits": 6, "group_size": 128, "on_indivisible": "keep"},
+        ],
+    },
     "q8_5": {
         "name": "q8_5",
         "description": "routed experts 5-bit affine, all else 8-bit (as the GLM-4.7-Flash 8/5 bundle)",

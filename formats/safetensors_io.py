@@ -23,6 +23,7 @@ import numpy as np
 
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.dtypes import dtype_name_for, stored_dtype
+from fmtconv.formats.shard_writer import ChunkPool, ShardWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 # mlx_lm.utils.MAX_FILE_SIZE_GB = 5 (GiB, `<< 30`); we use the same cap.
@@ -172,6 +173,15 @@ class SafetensorsFile:
         stored row by row), so other threads' rows of the same tensor stay mapped."""
         self._advise(name, getattr(mmap, "MADV_DONTNEED", None), rows)
 
+    def release_all(self) -> None:
+        """Drop every mapped page of the file from this process.  Releasing tensor by tensor leaves a few pages around
+        each: the kernel's fault-around maps a faulting page's neighbours, the next tensor's first pages included."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            try:
+                self._mmap.madvise(mmap.MADV_DONTNEED, 0, self.size)
+            except (OSError, ValueError):
+                pass
+
     def will_need(self, name: str, rows: tuple[int, int, int] | None = None) -> None:
         """Start reading the tensor's pages (or the share `rows` selects, as in `release`) in the background."""
         self._buffer()
@@ -287,6 +297,11 @@ class Checkpoint:
         """Read-ahead hint for a tensor (or a share of its rows); maps the file if needed."""
         self.files[self.info(name).file.name].will_need(name, rows)
 
+    def release_all(self) -> None:
+        """Drop every mapped page of every file from this process (SafetensorsFile.release_all)."""
+        for f in self.files.values():
+            f.release_all()
+
     def close(self) -> None:
         for f in self.files.values():
             f.close()
@@ -321,16 +336,49 @@ class TensorSpec:
         return cls(name, dtype_name_for(array.dtype), tuple(array.shape))
 
 
+def alignment(dtype: str) -> int:
+    """The byte alignment a tensor of this dtype needs: its element size (1 for the packed sub-byte floats)."""
+    sd = stored_dtype(dtype)
+    return max(1, sd.bits // 8) if sd is not None else 1
+
+
+def aligned_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """The order the tensors are laid out in a file so that every data offset is a multiple of its dtype's size.
+
+    The given order where it already is (a plan lays out each module's parts together), else the tensors sorted
+    by element size, largest first, ties in the given order: safetensors' own writer sorts by dtype the same way
+    (safetensors/src/tensor.rs, `prepare`), so that each offset is a sum of sizes that are multiples of it.  With
+    the data area starting 8-byte aligned (encode_header), every tensor then starts aligned to its dtype's size.
+    """
+    specs = list(specs)
+    offset = 0
+    for s in specs:
+        if offset % alignment(s.dtype):
+            return sorted(specs, key=lambda t: -alignment(t.dtype))  # stable: ties keep the given order
+        offset += s.nbytes
+    return specs
+
+
+def data_offsets(specs: Iterable[TensorSpec]) -> dict[str, tuple[int, int]]:
+    """name -> (start, end) in the data area, for the tensors laid out in aligned_order."""
+    out = {}
+    offset = 0
+    for s in aligned_order(specs):
+        out[s.name] = (offset, offset + s.nbytes)
+        offset += s.nbytes
+    return out
+
+
 def encode_header(specs: Iterable[TensorSpec], metadata: Mapping[str, str] | None = None) -> bytes:
-    """The 8-byte length plus JSON header for tensors written back to back in the given order."""
+    """The 8-byte length plus JSON header for the tensors laid out in `aligned_order` (header entries in file order)."""
+    specs = list(specs)
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = dict(metadata)
-    offset = 0
-    for s in specs:
-        n = s.nbytes
-        header[s.name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+    by_name = {s.name: s for s in specs}
+    for name, (start, end) in data_offsets(specs).items():
+        s = by_name[name]
+        header[name] = {"dtype": s.dtype, "shape": list(s.shape), "data_offsets": [start, end]}
     body = json.dumps(header, separators=(",", ":")).encode("utf-8")
     body += b" " * (-len(body) % 8)  # pad so the data area starts 8-byte aligned, as safetensors does
     return struct.pack("<Q", len(body)) + body
@@ -349,10 +397,11 @@ def write_header_only(path: str | os.PathLike, specs: Iterable[TensorSpec], meta
 
 
 class SafetensorsWriter:
-    """Streams tensors into one file: header first (from specs), data in order, rename when complete.
+    """Streams tensors into one file: header first (from specs), data in the specs' order, rename when complete.
 
-    Data may arrive in pieces (row blocks); `close()` checks every byte arrived and only then
-    renames `<name>.tmp` to its final name, so a crash never leaves a complete-looking file.
+    Data may arrive in pieces (row blocks); each piece lands at its tensor's aligned offset (aligned_order), so
+    callers stream in their own order.  `close()` checks every byte arrived and only then renames `<name>.tmp`
+    to its final name, so a crash never leaves a complete-looking file.
     """
 
     def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
@@ -363,7 +412,11 @@ class SafetensorsWriter:
         self._i = 0
         self._written = 0
         self._f = open(self.tmp, "wb")
-        self._f.write(encode_header(self.specs, metadata))
+        header = encode_header(self.specs, metadata)
+        self._f.write(header)
+        offsets = data_offsets(self.specs)
+        self._starts = [len(header) + offsets[s.name][0] for s in self.specs]
+        self._pos = len(header)
 
     def write(self, data: np.ndarray | bytes | memoryview) -> None:
         """Append bytes of the current tensor (a whole tensor or a contiguous piece of it)."""
@@ -376,7 +429,11 @@ class SafetensorsWriter:
                 raise FmtconvError("more data than the header announced", file=self.path)
             room = self._expected[self._i] - self._written
             take = min(room, buf.nbytes)
+            at = self._starts[self._i] + self._written
+            if at != self._pos:  # the caller's order is not the file's (aligned_order moved a tensor)
+                self._f.seek(at)
             self._f.write(buf[:take])
+            self._pos = at + take
             buf = buf[take:]
             self._written += take
             if self._written == self._expected[self._i]:
@@ -401,6 +458,18 @@ class SafetensorsWriter:
         if not self._f.closed:
             self._f.close()
         self.tmp.unlink(missing_ok=True)
+
+
+class PreallocatedSafetensorsWriter(ShardWriter):
+    """A safetensors shard whose tensors are known up front: header written, tensors at their aligned offsets
+    (data_offsets), pieces of them arriving in any order from any thread, staged and written behind
+    (formats/shard_writer.py)."""
+
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None, *,
+                 pool: ChunkPool | None = None, direct: bool = True):
+        header = encode_header(specs, metadata)
+        regions = {name: (len(header) + a, b - a) for name, (a, b) in data_offsets(specs).items()}
+        super().__init__(path, header, regions, pool=pool, direct=direct)
 
 
 def write_safetensors(
@@ -435,7 +504,7 @@ def assign_shards(units: Iterable[Sequence[TensorSpec]], max_shard_bytes: int = 
             size = 0
         shards[-1].extend(unit)
         size += n
-    return shards
+    return [aligned_order(shard) for shard in shards]  # each shard in the order its writer lays it out
 
 
 def write_index(out_dir: str | os.PathLike, weight_map: Mapping[str, str], total_size: int, extra: Mapping[str, object] | None = None) -> Path:
@@ -487,6 +556,10 @@ __all__ = [
     "Checkpoint",
     "TensorSpec",
     "SafetensorsWriter",
+    "PreallocatedSafetensorsWriter",
+    "alignment",
+    "aligned_order",
+    "data_offsets",
     "encode_header",
     "write_safetensors",
     "shard_names",

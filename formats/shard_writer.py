@@ -1,4 +1,7 @@
-"""A shard written from pieces that arrive in any order, from any thread: staged in aligned chunks, written behind.
+"""A file written from pieces that arrive in any order, from any thread: staged in aligned chunks, written behind.
+
+The layout (a header, then named regions at fixed offsets) comes from the caller; safetensors_io's
+PreallocatedSafetensorsWriter gives it a safetensors shard's.
 
 The file is cut into CHUNK_BYTES chunks at aligned offsets.  A worker copies its piece into the buffer of the chunk
 it falls in (one memcpy); a chunk whose every byte has arrived goes to a writer thread, which hashes it and writes
@@ -30,7 +33,6 @@ import numpy as np
 import xxhash
 
 from fmtconv.errors import FmtconvError
-from fmtconv.formats.safetensors_io import TensorSpec, encode_header
 
 CHUNK_BYTES = 8 << 20
 # O_DIRECT wants file offsets, lengths and buffer addresses aligned to the device's logical block size
@@ -97,24 +99,20 @@ def _combine(digests: list[bytes]) -> str:
 
 
 class ShardWriter:
-    """A shard whose layout is known up front: header and tensor offsets fixed, pieces land at their offsets.
+    """A file whose layout is known up front: `header` at offset 0, then regions name -> (offset, size) that together
+    with the header cover the file; pieces of the regions land at their offsets.
 
-    `write_at` may be called from several threads, for pieces of different tensors in any order; `close()` checks
+    `write_at` may be called from several threads, for pieces of different regions in any order; `close()` checks
     every byte arrived, waits for the writer thread, fsyncs and renames `<name>.tmp` into place; `digest` is then the
-    shard's digest (as `shard_digest` computes it from the file).  `direct=False` keeps every write in the page cache.
+    file's digest (as `shard_digest` computes it from the file).  `direct=False` keeps every write in the page cache.
     """
 
-    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None, *,
+    def __init__(self, path: str | os.PathLike, header: bytes, regions: Mapping[str, tuple[int, int]], *,
                  pool: ChunkPool | None = None, direct: bool = True):
         self.path = Path(path)
         self.tmp = self.path.with_name(self.path.name + ".tmp")
-        header = encode_header(specs, metadata)
-        self._offsets: dict[str, tuple[int, int]] = {}
-        pos = len(header)
-        for s in specs:
-            self._offsets[s.name] = (pos, s.nbytes)
-            pos += s.nbytes
-        self.size = pos
+        self._offsets = dict(regions)
+        self.size = len(header) + sum(n for _, n in self._offsets.values())
         self.digest: str | None = None
         self._written = dict.fromkeys(self._offsets, 0)
         self._pool = pool or ChunkPool()
@@ -159,7 +157,7 @@ class ShardWriter:
 
     # ---- the workers' side ---------------------------------------------------------------------
     def write_at(self, name: str, offset: int, data: np.ndarray | bytes | memoryview) -> None:
-        """Write bytes of tensor `name` starting `offset` bytes into that tensor."""
+        """Write bytes of region (tensor) `name` starting `offset` bytes into it."""
         start, n = self._offsets[name]
         buf = _as_bytes(data)
         if offset < 0 or offset + buf.nbytes > n:

@@ -88,7 +88,8 @@ def v4_flash_specs() -> list[list[TensorSpec]]:
     layers = [_v4_layer(f"layers.{i}", i, ratios[i], i < config["num_hash_layers"]) for i in range(V4_LAYERS)]
     tail = [TensorSpec("norm.weight", "BF16", (h,)), TensorSpec("head.weight", "BF16", (V4_VOCAB, h))]
     mtp = _v4_layer("mtp.0", V4_LAYERS, 0, False) + [TensorSpec(f"mtp.0.{n}.weight", "BF16", (h,)) for n in ("enorm", "hnorm", "norm")]
-    mtp += [TensorSpec("mtp.0.e_proj.weight", "BF16", (h, h)), TensorSpec("mtp.0.h_proj.weight", "BF16", (h, h))]
+    mtp += _fp8("mtp.0.e_proj", h, h) + _fp8("mtp.0.h_proj", h, h) + [TensorSpec(f"mtp.0.hc_head_{p}", "F32", s)
+                                                                       for p, s in (("fn", (4, 4 * h)), ("base", (4,)), ("scale", (1,)))]
     shards = [top] + layers + [tail, mtp]
     assert len(shards) == V4_SHARDS
     return shards

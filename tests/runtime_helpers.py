@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
 sys.path.insert(0, str(FIXTURES))
 
+import family_deepseek as fd  # noqa: E402,F401  (the drafter reference, tests/test_mtp.py)
 import family_others as fo  # noqa: E402
 import family_step as fs  # noqa: E402
 import fixture_lib as fl  # noqa: E402

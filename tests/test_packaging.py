@@ -50,7 +50,8 @@ def test_regular_wheel_holds_only_fmtconv(tmp_path: Path) -> None:
     top = {n.split("/")[0] for n in names}
     assert top == {"fmtconv", next(t for t in top if t.endswith(".dist-info"))}
     for mod in ("fmtconv/convert/cli.py", "fmtconv/convert/layouts/deepseek_v4.py", "fmtconv/convert/releases/deepseek_v4.py",
-                "fmtconv/formats/mxfp4.py", "fmtconv/kernels_ref/affine.py", "fmtconv/kernels/mxfp4.py", "fmtconv/errors.py"):
+                "fmtconv/formats/mxfp4.py", "fmtconv/kernels_ref/affine.py", "fmtconv/kernels/mxfp4.py", "fmtconv/errors.py",
+                "fmtconv/convert/check/eval/calibration.txt"):
         assert mod in names
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "fmtconv = fmtconv.convert.cli:main" in entry

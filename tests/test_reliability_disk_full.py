@@ -16,7 +16,7 @@ import pytest
 import reliability_helpers as rh
 from fmtconv.convert import convert
 from fmtconv.errors import FmtconvError
-from fmtconv.formats import shard_writer
+from fmtconv.formats import safetensors_io
 from fmtconv.convert.pipeline import MANIFEST
 
 SHARD_CAP = "40KB"  # deepseek-v4-tiny then makes 17 shards; the 5th is the first over 45,000 bytes
@@ -72,7 +72,7 @@ def test_no_space_left_mid_shard_api(tmp_path: Path, reference, monkeypatch) -> 
     src, expected = reference
     before = rh.tree_hashes(src)
     out = tmp_path / "out"
-    real = shard_writer.ShardWriter.write_at
+    real = safetensors_io.PreallocatedSafetensorsWriter.write_at
     calls = {"n": 0}
 
     def write_at(self, name, offset, data):
@@ -81,13 +81,13 @@ def test_no_space_left_mid_shard_api(tmp_path: Path, reference, monkeypatch) -> 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(self, name, offset, data)
 
-    monkeypatch.setattr(shard_writer.ShardWriter, "write_at", write_at)
+    monkeypatch.setattr(safetensors_io.PreallocatedSafetensorsWriter, "write_at", write_at)
     with pytest.raises(FmtconvError, match="disk full while writing .No space left on device.") as ei:
         convert(src, out, recipe=rh.mxfp4_recipe(), max_shard_bytes=40_000, workers=2)
     assert ".safetensors" in str(ei.value) and "model-00001" not in str(ei.value)
     rh.assert_no_bundle(out, partial_ok=True)
     assert list(rh.partial_of(out).glob("model-00001-of-00017.safetensors"))
-    monkeypatch.setattr(shard_writer.ShardWriter, "write_at", real)
+    monkeypatch.setattr(safetensors_io.PreallocatedSafetensorsWriter, "write_at", real)
     convert(src, out, recipe=rh.mxfp4_recipe(), max_shard_bytes=40_000)
     assert rh.tree_bytes(out) == expected
     assert rh.tree_hashes(src) == before

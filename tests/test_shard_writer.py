@@ -1,4 +1,4 @@
-"""ShardWriter: pieces in any order, from several threads, give the bytes write_safetensors gives and the digest
+"""ShardWriter (as PreallocatedSafetensorsWriter writes a safetensors shard with it): pieces in any order, from several threads, give the bytes write_safetensors gives and the digest
 shard_digest reads back, whether chunks go direct, through the page cache, or past the staging cap; failures leave no file."""
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import pytest
 
 from fmtconv.errors import FmtconvError
 from fmtconv.formats import shard_writer
+from fmtconv.formats.safetensors_io import PreallocatedSafetensorsWriter as ShardWriter
 from fmtconv.formats.safetensors_io import TensorSpec, write_safetensors
-from fmtconv.formats.shard_writer import CHUNK_BYTES, ChunkPool, ShardWriter, shard_digest
+from fmtconv.formats.shard_writer import CHUNK_BYTES, ChunkPool, shard_digest
 
 RNG = np.random.default_rng(0)
 # ~2.6 chunks: two staged chunks and the file's last one, with tensors straddling chunk boundaries

@@ -233,14 +233,10 @@ def pressure() -> dict[str, int] | None:
 
 
 def peak_rss_self() -> int | None:
-    """This process's peak resident set size since exec (VmHWM in /proc/self/status), in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    """This process's peak resident set size since exec, in bytes (fmtconv.convert.process)."""
+    from fmtconv.convert.process import peak_rss_bytes
+
+    return peak_rss_bytes()
 
 
 def evict_page_cache(src: Path) -> bool:

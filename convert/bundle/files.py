@@ -12,8 +12,9 @@ from fmtconv.formats.safetensors_io import INDEX_NAME
 if TYPE_CHECKING:
     from fmtconv.convert.plan import Plan
 
-# Files of a source that the bundle must not carry over: weights, rewritten config, FP quant metadata.
-_NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json"}
+# Files of a source that the bundle must not carry over: weights, rewritten config, the source's quantization metadata
+# (ModelOpt's; JANG's, which would also send vMLX down jang's own loader, vmlx_engine/utils/jang_loader.py).
+_NOT_COPIED = {"config.json", INDEX_NAME, "hf_quant_config.json", "jang_config.json"}
 
 
 def copy_side_files(src: Path, dst: Path, with_readme: bool = False) -> list[str]:
@@ -40,14 +41,16 @@ def output_config(plan: Plan) -> dict[str, Any]:
         config.pop(key, None)
     text = config.get("text_config")
     if isinstance(text, dict):
+        config["text_config"] = text = dict(text)  # the plan's source config stays as read
         text.pop("quantization_config", None)
     q = plan.quantization()
     if q:
         config["quantization"] = q
         config["quantization_config"] = q
-    for key in ("torch_dtype", "dtype"):
-        if key in config:
-            config[key] = plan.compute_dtype
+    for c in (config, text if isinstance(text, dict) else {}):
+        for key in ("torch_dtype", "dtype"):
+            if key in c:
+                c[key] = plan.compute_dtype
     config["fmtconv"] = {
         "version": __version__,
         "source": str(plan.source),
@@ -60,4 +63,8 @@ def output_config(plan: Plan) -> dict[str, Any]:
         "encoder": plan.encoder,
         "encoders": plan.encoder_patterns(),
     }
+    if plan.fit is not None:
+        config["fmtconv"]["fit"] = {k: plan.fit[k] for k in ("budget_bytes", "planned_bytes", "predicted_kl")}
+    if plan.layout.draft_kind is not None:  # a drafter bundle (`--mtp`): how mlx-vlm runs it
+        config["fmtconv"]["draft_kind"] = plan.layout.draft_kind
     return config

@@ -5,13 +5,14 @@ Structure follows what mlx_lm 0.32.2 reads (mlx_lm/utils.py `load_model`, `infer
 (`metadata.total_size` = the sum of the tensors' data bytes), `config.json` with `quantization`
 (global `group_size`/`bits`/`mode` plus per-module overrides keyed by module path, each a dict or
 false) mirrored into `quantization_config`, and for each quantized module P the tensors `P.weight`
-(uint32), `P.scales` and, for affine only, `P.biases`.
+(uint32), `P.scales` and, for affine only, `P.biases`.  Where the bundle's layout stores other names than its
+runtime's (vMLX's DeepSeek-V4), the quantization keys name the runtime's module paths (`runtime_modules`).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,6 +199,15 @@ class ModuleEntry:
         return f"{self.bits}-bit {self.mode}" if self.quantized else self.dtype
 
 
+def runtime_modules(config: Mapping[str, Any] | None) -> Callable[[str], str]:
+    """Stored module path -> the runtime's, as the bundle's layout (its config's fmtconv record) renames them."""
+    if not isinstance(config, Mapping):
+        return lambda module: module
+    from fmtconv.convert.layouts import bundle_layout
+
+    return bundle_layout(dict(config)).runtime_module
+
+
 def quant_block(config: Mapping[str, Any] | None) -> tuple[QuantParams | None, dict[str, QuantParams | bool], list[str]]:
     """(global default, per-module overrides, problems) of config['quantization'] as mlx_lm reads it."""
     problems: list[str] = []
@@ -242,13 +252,14 @@ def _params(d: Mapping[str, Any], where: str, problems: list[str]) -> QuantParam
 def bundle_modules(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> list[ModuleEntry]:
     """Every weight of the bundle as the runtime sees it, from the written config and the shard headers."""
     default, overrides, _ = quant_block(config)
+    to_runtime = runtime_modules(config)
     taken: set[str] = set()
     entries = []
     for n in sorted(tensors):
         if not n.endswith(".scales") or n[: -len(".scales")] + ".weight" not in tensors:
             continue
         p = n[: -len(".scales")]
-        q = overrides.get(p, default)
+        q = overrides.get(to_runtime(p), default)
         if not isinstance(q, QuantParams):
             continue
         w, s = tensors[f"{p}.weight"], tensors[n]

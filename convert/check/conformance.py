@@ -22,6 +22,7 @@ from fmtconv.convert.runtimes import Runtime, runtime_named
 from fmtconv.errors import FmtconvError
 
 if TYPE_CHECKING:
+    from fmtconv.convert.layouts import ModelLayout
     from fmtconv.convert.plan import Plan
 
 # module path -> (mode, bits, group_size): what the plan wrote for each quantized module.
@@ -59,19 +60,24 @@ class Conformance:
                 "seconds": round(self.seconds, 3)}
 
 
-def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = None, *, require_model: bool = True) -> Conformance:
+def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = None, *, require_model: bool = True,
+                 layout: ModelLayout | None = None) -> Conformance:
     """Run the runtime's loader on `bundle` (a directory with config.json and shards) and compare.
 
     require_model=False (a model type no fmtconv layout claims): a runtime without that model skips the
-    check with the reason, instead of failing it.
+    check with the reason, instead of failing it.  `layout`: the bundle's (default: the one its config records),
+    whose kept-dtype tensors stand in for a model without a `cast_predicate`.
     """
+    from fmtconv.convert.layouts import bundle_layout
+
     t0 = time.perf_counter()
     runtime = runtime_named(runtime) if isinstance(runtime, str) else runtime
     config = json.loads((Path(bundle) / "config.json").read_text())
     report = Conformance(runtime.name, runtime.model_module(config))
     if not runtime.installed():
-        report.skipped = (f"{runtime.name} is not installed, so the bundle was not checked against {report.model_module} "
-                          f"(pip install {runtime.name})")
+        missing = " and ".join(runtime.missing())
+        report.skipped = (f"{runtime.name} is not installed ({missing} not importable), so the bundle was not checked against "
+                          f"{report.model_module} (pip install {runtime.name})")
         return report
     if not runtime.has_model(config):
         missing = (f"{runtime.name} {runtime.version()} has no model for model_type {config.get('model_type')!r} "
@@ -87,7 +93,7 @@ def check_bundle(bundle: Path, runtime: Runtime | str, intent: Intent | None = N
         report.problems.append(f"{runtime.name}'s loader refuses the bundle: {type(e).__name__}: {e}")
         report.seconds = time.perf_counter() - t0
         return report
-    report.problems += compare(model, weights, config, intent)
+    report.problems += compare(model, weights, config, intent, layout or bundle_layout(config))
     report.tensors = len(weights)
     report.quantized_modules = sum(1 for _, m in model.named_modules() if _quantized(m))
     report.seconds = time.perf_counter() - t0
@@ -107,7 +113,7 @@ def check_plan(plan: Plan, bundle: Path | None = None) -> Conformance:
     from fmtconv.formats.safetensors_io import write_header_only, write_index
 
     def check(where: Path) -> Conformance:
-        return check_bundle(where, plan.runtime, plan_intent(plan), require_model=plan.layout.family != "generic")
+        return check_bundle(where, plan.runtime, plan_intent(plan), require_model=plan.layout.family != "generic", layout=plan.layout)
 
     if bundle is not None:
         return check(bundle)
@@ -127,7 +133,8 @@ def check_plan(plan: Plan, bundle: Path | None = None) -> Conformance:
 
 
 def plan_intent(plan: Plan) -> Intent:
-    return {t.target.module: (t.mode, int(t.bits), int(t.group_size)) for t in plan.tensors if t.quantized}
+    """The runtime's module path -> what the plan writes for it, for every quantized module."""
+    return {t.runtime_module: (t.mode, int(t.bits), int(t.group_size)) for t in plan.tensors if t.quantized}
 
 
 def enforce(report: Conformance, where: Path | None = None) -> Conformance:
@@ -143,13 +150,17 @@ def enforce(report: Conformance, where: Path | None = None) -> Conformance:
     return report
 
 
-def compare(model: Any, weights: dict[str, Any], config: dict[str, Any], intent: Intent | None) -> list[str]:
-    """Every difference between the runtime's model (built and quantized by its loader) and the weights."""
+def compare(model: Any, weights: dict[str, Any], config: dict[str, Any], intent: Intent | None,
+            layout: ModelLayout | None = None) -> list[str]:
+    """Every difference between the runtime's model (built and quantized by its loader) and the weights.
+
+    Floats must be in the model dtype where the model's `cast_predicate` (as its runtime's converter applies it)
+    casts them; a model without one (jang's, for vMLX) is held to the layout's kept-dtype tensors."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     params = dict(tree_flatten(model.parameters()))
-    cast = getattr(model, "cast_predicate", None) or (lambda _k: True)
+    cast = getattr(model, "cast_predicate", None) or (lambda k: not (layout is not None and layout.keeps_source_dtype(k)))
     dtype = _compute_dtype(config)
     problems = [f"missing tensor {k} ({_desc(params[k])} in the runtime's model)" for k in sorted(set(params) - set(weights))]
     problems += [f"tensor {k} ({_desc(weights[k])}) is not in the runtime's model" for k in sorted(set(weights) - set(params))]

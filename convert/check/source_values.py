@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from fmtconv.convert.encode import select_rows
+from fmtconv.convert.layouts import drafter_layout_named
 from fmtconv.convert.plan import COMPUTE_DTYPES, Plan, PlannedTensor, build_plan, read_config
 from fmtconv.convert.recipes import recipe_from_dict
 from fmtconv.formats import get_codec
@@ -67,10 +68,15 @@ def mapping_plan(out_dir: str | Path, src: str | Path) -> Plan:
     prov = config.get("fmtconv") or {}
     dtype = next((config[k] for k in ("torch_dtype", "dtype") if isinstance(config.get(k), str) and config[k] in COMPUTE_DTYPES), None)
     keep_all = recipe_from_dict({"name": "mapping", "rules": [{"mode": "keep"}]})
-    return build_plan(src, keep_all, compute_dtype=dtype, family=prov.get("layout"))
+    if drafter_layout_named(prov.get("layout")) is not None:  # a drafter bundle (`--mtp`): the source's MTP layer
+        return build_plan(src, keep_all, compute_dtype=dtype, mtp=True).drafter
+    return build_plan(src, keep_all, compute_dtype=dtype, family=prov.get("layout"), runtime=prov.get("runtime"))
 
 
 def source_pairs(out_dir: str | Path, src: str | Path, ck: Checkpoint) -> Iterator[tuple[str, SourceRows]]:
-    """(output tensor name, source rows) for every output tensor of the bundle that the source maps to."""
+    """(output tensor name, source rows) for every float output tensor of the bundle that the source maps to (integer
+    tables, e.g. DeepSeek-V4's tid2eid, are copied exactly or narrowed where every value fits: nothing to measure)."""
     for pt in mapping_plan(out_dir, src).tensors:
+        if pt.mode == "dense" and pt.dtype not in COMPUTE_DTYPES:
+            continue
         yield pt.target.name, source_rows(ck, pt)

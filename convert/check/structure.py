@@ -15,6 +15,7 @@ from fmtconv.convert.bundle.reader import (
     Bundle,
     QuantParams,
     quant_block,
+    runtime_modules,
 )
 
 # Keys of the quantization blocks sources publish (DeepSeek FP8, compressed-tensors, ModelOpt, gpt-oss mxfp4):
@@ -66,18 +67,22 @@ def check_modules(b: Bundle) -> list[str]:
     default, overrides, qp = quant_block(b.config)
     problems += qp
     t = b.tensors
+    to_runtime = runtime_modules(b.config)
+    stored = {to_runtime(n[: -len(".weight")]): n[: -len(".weight")] for n in t if n.endswith(".weight")}
+    renamed = any(r != m for r, m in stored.items())
     for key in sorted(overrides):
-        if f"{key}.weight" not in t:
-            problems.append(f"{CONFIG_NAME}: quantization override {key!r} names no module: no tensor {key + '.weight'!r} in the bundle")
+        if key not in stored:
+            where = "no stored tensor is renamed to it by the runtime's sanitize" if renamed else f"no tensor {key + '.weight'!r} in the bundle"
+            problems.append(f"{CONFIG_NAME}: quantization override {key!r} names no module: {where}")
     candidates = {n[: -len(".scales")] for n in t if n.endswith(".scales")}
     candidates |= {n[: -len(".weight")] for n, i in t.items() if n.endswith(".weight") and i.dtype == "U32"}
-    candidates |= {k for k, v in overrides.items() if v is not False and f"{k}.weight" in t}
+    candidates |= {stored[k] for k, v in overrides.items() if v is not False and k in stored}
     if candidates and default is None and "quantization" not in (b.config or {}):
         problems.append(f"{CONFIG_NAME}: no 'quantization' block, but {len(candidates)} module(s) are stored quantized "
                         f"(e.g. {sorted(candidates)[0]!r})")
         return problems
     for p in sorted(candidates):
-        params = overrides.get(p, default)
+        params = overrides.get(to_runtime(p), default)
         if params is False or params is None:
             why = "its quantization override is false" if p in overrides else "the config gives no default"
             problems.append(f"{p}: stored quantized (has {'.scales' if p + '.scales' in t else 'uint32 .weight'}) but {why}")
@@ -127,13 +132,14 @@ def check_finite(b: Bundle) -> list[str]:
     from fmtconv.kernels_ref import e4m3_decode, e8m0_decode
 
     default, overrides, _ = quant_block(b.config)
+    to_runtime = runtime_modules(b.config)
     problems = []
     for name in sorted(b.tensors):
         if not (name.endswith(".scales") or name.endswith(".biases")):
             continue
         info = b.tensors[name]
         module = name.rsplit(".", 1)[0]
-        q = overrides.get(module, default)
+        q = overrides.get(to_runtime(module), default)
         if info.dtype in FLOAT_DTYPES:
             decode = lambda x: x  # noqa: E731
         elif info.dtype == "U8" and isinstance(q, QuantParams) and q.mode in ("mxfp4", "mxfp8"):

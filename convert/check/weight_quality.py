@@ -15,7 +15,16 @@ from typing import Any
 
 import numpy as np
 
-from fmtconv.convert.bundle.reader import DTYPE_NAMES, FLOAT_DTYPES, ROW_BLOCK_ELEMENTS, Bundle, QuantParams, open_bundle, quant_block
+from fmtconv.convert.bundle.reader import (
+    DTYPE_NAMES,
+    FLOAT_DTYPES,
+    ROW_BLOCK_ELEMENTS,
+    Bundle,
+    QuantParams,
+    open_bundle,
+    quant_block,
+    runtime_modules,
+)
 from fmtconv.convert.naming import module_pattern, natural_key
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.safetensors_io import Checkpoint
@@ -126,13 +135,14 @@ class OutputReader:
     def __init__(self, bundle: Bundle):
         self.b = bundle
         self.default, self.overrides, _ = quant_block(bundle.config)
+        self.to_runtime = runtime_modules(bundle.config)
 
     def module_of(self, name: str) -> tuple[str, QuantParams] | None:
         """(P, params) when `name` is P.weight of a quantized module."""
         if not name.endswith(".weight"):
             return None
         p = name[: -len(".weight")]
-        q = self.overrides.get(p, self.default)
+        q = self.overrides.get(self.to_runtime(p), self.default)
         if f"{p}.scales" in self.b.tensors and isinstance(q, QuantParams):
             return p, q
         return None

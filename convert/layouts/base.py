@@ -1,7 +1,9 @@
 """What a model layout is: the mapping from a release's logical weights to the tensors one runtime's model holds.
 
-A layout is written for one runtime (`mlx-lm` or `mlx-vlm`, fmtconv.convert.runtimes) and mirrors its
-model module's post-sanitize module tree; the release's own naming facts live in fmtconv.convert.releases.
+A layout is written for one runtime (`mlx-lm`, `mlx-vlm` or `vmlx`, fmtconv.convert.runtimes) and mirrors its
+model module's module tree; the release's own naming facts live in fmtconv.convert.releases.  The mlx-lm and
+mlx-vlm layouts store the runtime's post-sanitize names; the vMLX one stores the release's own names, which
+its runtime's sanitize renames (`runtime_name`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from fmtconv.formats.base import SourceGroup
 
 @dataclass(frozen=True)
 class TargetTensor:
-    """One tensor of the output bundle, named as the runtime's model looks it up after sanitize()."""
+    """One tensor of the output bundle, under the name it is stored with (ModelLayout.runtime_name: its runtime path)."""
 
     name: str  # e.g. "model.layers.0.mlp.switch_mlp.gate_proj.weight"
     sources: tuple[SourceGroup, ...]  # more than one: stacked along a new leading axis, in order
@@ -31,7 +33,7 @@ class TargetTensor:
 
     @property
     def module(self) -> str:
-        """The module path the runtime uses for per-module quantization overrides."""
+        """The stored module path: the prefix of the module's `.weight`, `.scales` and `.biases` in the shards."""
         return self.name.rsplit(".", 1)[0]
 
 
@@ -53,6 +55,20 @@ class ModelLayout:
     # Module-path prefixes of vision towers and projectors: a runtime's own converter keeps them dense,
     # and so do fmtconv's recipes unless a rule names them explicitly.
     multimodal_prefixes: ClassVar[tuple[str, ...]] = ()
+    # Drafter layouts (`--mtp`): the runtime's speculative-decoding kind ("mtp"); None for a model's own layout.
+    draft_kind: ClassVar[str | None] = None
+    # Whether config.json's `quantization` block names every quantized module, not only those off the default (a
+    # drafter's: mlx-vlm applies a bare default only by heuristics; vMLX's: jang's loader is keyed by its own paths).
+    explicit_quantization: ClassVar[bool] = False
+
+    def runtime_name(self, name: str) -> str:
+        """The parameter path the runtime's sanitize() gives the stored tensor `name` (these layouts store
+        post-sanitize names, so the name itself)."""
+        return name
+
+    def runtime_module(self, module: str) -> str:
+        """The runtime's module path for a stored module path: what recipes match and quantization keys name."""
+        return self.runtime_name(f"{module}.weight").rsplit(".", 1)[0]
 
     def keeps_source_dtype(self, name: str) -> bool:
         return any(s in name for s in self.uncast)
@@ -71,6 +87,15 @@ class ModelLayout:
     def output_config(self, config: dict[str, Any]) -> dict[str, Any]:
         """The source config adjusted for the runtime (quantization blocks are the converter's job)."""
         return dict(config)
+
+
+def drafter_config(model_type: str, text: dict[str, Any]) -> dict[str, Any]:
+    """A drafter bundle's config.json, with the keys mlx-vlm's MTP splitter writes (speculative/drafters/mtp_split.py):
+    the drafter's model_type, the main model's config as `text_config`, and `block_size` at the drafter configs' own
+    default (one drafted token per MTP layer, plus the verified one)."""
+    return {"model_type": model_type, "torch_dtype": text.get("torch_dtype", "bfloat16"), "text_config": text,
+            "block_size": int(text.get("num_nextn_predict_layers", 1)) + 1,
+            "tie_word_embeddings": bool(text.get("tie_word_embeddings", False))}
 
 
 def stacked_experts(

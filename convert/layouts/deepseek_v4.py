@@ -14,16 +14,14 @@ beyond num_hidden_layers dropped.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 from fmtconv.convert.layouts.base import ModelLayout, TargetTensor, stacked_experts
-from fmtconv.convert.releases.deepseek_v4 import EXPERT_KEY, EXPERT_PROJ, HC_PARAMS, is_mtp, split_o_groups, without_fp4_experts
+from fmtconv.convert.releases.deepseek_v4 import EXPERT_PROJ, HC_PARAMS, split_groups, split_o_groups, without_fp4_experts
 from fmtconv.formats.base import SourceGroup
 
 _TOP = {"embed.weight": "model.embed_tokens.weight", "head.weight": "lm_head.weight", "norm.weight": "model.norm.weight",
         **{f"hc_head_{p}": f"model.hc_head.{p}" for p in HC_PARAMS}}
-_LAYER = re.compile(r"layers\.(\d+)\.")
 _RENAMES = (
     *((f".hc_{sub}_{p}", f".{sub}_hc.{p}") for sub in ("attn", "ffn") for p in HC_PARAMS),
     (".ffn.gate.bias", ".ffn.gate.e_score_correction_bias"),
@@ -64,20 +62,10 @@ class DeepseekV4Layout(ModelLayout):
     integer_dtypes = {"tid2eid": "I32"}
 
     def targets(self, groups: list[SourceGroup], config: dict[str, Any]) -> tuple[list[TargetTensor], list[str]]:
-        n_layers = int(config["num_hidden_layers"])
         o_groups = int(config.get("o_groups", 1))
+        whole, experts, dropped = split_groups(groups, int(config["num_hidden_layers"]))
         out: list[TargetTensor] = []
-        dropped: list[str] = []
-        experts: dict[tuple[str, str], dict[int, SourceGroup]] = {}
-        for g in groups:
-            layer = _LAYER.match(g.name)
-            if is_mtp(g.name) or (layer and int(layer[1]) >= n_layers):
-                dropped.append(g.name)
-                continue
-            m = EXPERT_KEY.fullmatch(g.name)
-            if m:
-                experts.setdefault((f"layers.{m[1]}.ffn", m[3]), {})[int(m[2])] = g
-                continue
+        for g in whole:
             name = vlm_name(g.name)
             transform = functools.partial(split_o_groups, groups=o_groups) if name.endswith(".attn.wo_a.weight") else None
             out.append(TargetTensor(name, (g,), transform=transform, quantizable=is_quantizable(name)))

@@ -25,6 +25,11 @@ _KV_B = re.compile(r"(?P<attn>model\.layers\.\d+\.self_attn)\.kv_b_proj\.weight"
 _ROUTER = re.compile(r".+\.mlp\.gate\.weight")
 
 
+def is_block_quantizable(name: str, shape: tuple[int, ...]) -> bool:
+    """Whether a decoder layer's weight sits in a module with `to_quantized`: 2-D and up, not a norm or the router."""
+    return name.endswith(".weight") and len(shape) >= 2 and not is_norm(name) and not _ROUTER.fullmatch(name)
+
+
 class Glm4MoeLiteLayout(ModelLayout):
     """GLM-4.7-Flash (BF16 or FP8-block releases) for mlx_lm's glm4_moe_lite model."""
 
@@ -54,7 +59,6 @@ class Glm4MoeLiteLayout(ModelLayout):
                     transform = functools.partial(fn, heads=heads, nope=nope)
                     out.append(TargetTensor(f"{kv['attn']}.{leaf}.weight", (g,), transform=transform, quantizable=True))
                 continue
-            quantizable = g.name.endswith(".weight") and len(g.shape) >= 2 and not is_norm(g.name) and not _ROUTER.fullmatch(g.name)
-            out.append(TargetTensor(g.name, (g,), quantizable=quantizable))
+            out.append(TargetTensor(g.name, (g,), quantizable=is_block_quantizable(g.name, g.shape)))
         out += stacked_experts(experts, config.get("n_routed_experts"), lambda prefix, proj: f"{prefix}.switch_mlp.{proj}.weight")
         return out, dropped

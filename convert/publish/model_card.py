@@ -120,12 +120,15 @@ def render_model_card(
     revision: str | None = None,
     title: str | None = None,
     repo_id: str | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    pair: str | None = None,
 ) -> str:
-    """README.md text for a bundle.
+    """README.md text for a bundle (`evaluation`: the `fmtconv eval` report's JSON, when the bundle was evaluated).
 
     config: the written config.json; files_info: `files_info(out_dir)`; verify_summary:
     `VerifyReport.summary_json()` or None (not verified); repo_id: where the bundle will live
-    (used in the snippet; else the title).
+    (used in the snippet; else the title); pair: the folder name of the other bundle of a main model +
+    drafter pair (`--mtp`), for the speculative-decoding snippet.
     """
     entries = bundle_modules(config, files_info.tensors)
     rows = pattern_table(entries)
@@ -165,6 +168,11 @@ def render_model_card(
     enc = encoder_summary(config)
     if enc:
         out.append(f"| Affine encoder | {enc} |")
+    fit = (config.get("fmtconv") or {}).get("fit")
+    if isinstance(fit, Mapping):
+        out.append(f"| Allocation | fmtconv `--fit`: budget {human_bytes(fit['budget_bytes'])}, planned "
+                   f"{human_bytes(fit['planned_bytes'])}, predicted KL {fit['predicted_kl']:.5f} nats/token from measured "
+                   "sensitivities; the recipe is `fit-recipe.toml` |")
     out.append("")
 
     out += ["## Modules", "",
@@ -208,8 +216,22 @@ def render_model_card(
             if verify_summary.get("outliers"):
                 out += [f"Below the SQNR threshold: {', '.join(f'`{n}`' for n in verify_summary['outliers'])}.", ""]
 
+    if evaluation:
+        out += _evaluation_section(evaluation)
+
     target = repo_id or "path/to/this/folder"
-    if runtime == "mlx-vlm":
+    draft_kind = (config.get("fmtconv") or {}).get("draft_kind")
+    if draft_kind is not None:
+        out += _drafter_usage(config, main=f"path/to/{pair}" if pair else "path/to/the/main/model", draft=target, kind=draft_kind)
+    elif runtime == "vmlx":
+        out += ["## Use with vMLX", "",
+                "vMLX runs this bundle with jang's DeepSeek-V4 model, through its plain mlx-lm route (the bundle has no "
+                "`jang_config.json`); its OpenAI-compatible server:", "",
+                "```bash", "pip install vmlx", f"vmlx serve {target} --port 8000", "```", "",
+                "or its loader, in Python:", "", "```python",
+                "from vmlx_engine.utils.tokenizer import load_model_with_fallback", "",
+                f'model, tokenizer = load_model_with_fallback("{target}")', "```", ""]
+    elif runtime == "mlx-vlm":
         out += ["## Use with mlx-vlm", "", "```bash", "pip install mlx-vlm", "```", "", "```python",
                 "from mlx_vlm import generate, load", "", f'model, processor = load("{target}")',
                 'print(generate(model, processor, "hello", max_tokens=100).text)', "```", ""]
@@ -219,7 +241,57 @@ def render_model_card(
                 'messages = [{"role": "user", "content": "hello"}]',
                 "prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)",
                 "print(generate(model, tokenizer, prompt=prompt, max_tokens=100))", "```", ""]
+    if draft_kind is None and pair:
+        out += ["## Speculative decoding", "",
+                f"The model's multi-token-prediction layer was converted beside it, as the drafter bundle `{pair}`.", ""]
+        out += _speculative_snippets(target, f"path/to/{pair}", "mtp")
     return "\n".join(out)
+
+
+def _drafter_usage(config: Mapping[str, Any], main: str, draft: str, kind: str) -> list[str]:
+    """The drafter bundle's usage: what it is, and mlx-vlm's speculative decoding with the main model."""
+    text = config.get("text_config") or {}
+    return ["## Use as a speculative-decoding drafter with mlx-vlm", "",
+            f"This bundle is the multi-token-prediction layer of a `{text.get('model_type', 'model')}` release, for "
+            f"mlx-vlm's `{config.get('model_type')}` drafter. It has no embedding or head of its own: it borrows the main "
+            "model's, drafts tokens, and the main model verifies them, so greedy output is the main model's own, token for token.",
+            ""] + _speculative_snippets(main, draft, kind)
+
+
+def _speculative_snippets(main: str, draft: str, kind: str) -> list[str]:
+    return ["```bash", "pip install mlx-vlm",
+            f'python -m mlx_vlm generate --model {main} --draft-model {draft} --draft-kind {kind} --prompt "hello" --max-tokens 100',
+            "```", "", "```python", "from mlx_vlm import generate, load", "from mlx_vlm.speculative.drafters import load_drafter", "",
+            f'model, processor = load("{main}")', f'draft_model, draft_kind = load_drafter("{draft}", kind="{kind}")',
+            'print(generate(model, processor, "hello", max_tokens=100, draft_model=draft_model, draft_kind=draft_kind).text)',
+            "```", ""]
+
+
+def _evaluation_section(r: Mapping[str, Any]) -> list[str]:
+    f = lambda x, d=4: f"{x:.{d}f}" if isinstance(x, (int, float)) else str(x)  # noqa: E731
+    out = ["## Quality against the source", "",
+           f"`fmtconv eval` ran the source, decoded exactly ({r.get('teacher_dtype')}), and this bundle "
+           f"({r.get('student_dtype')} activations) through `{r.get('model_module')}` on {r.get('tokens')} tokens "
+           f"({r.get('tokens_source')}).", "",
+           "| KL mean (nats/token) | KL p99 | Top-1 agreement | Top-5 | Perplexity, source → bundle |",
+           "|---:|---:|---:|---:|---|",
+           f"| {f(r.get('kl_mean'), 5)} | {f(r.get('kl_p99'), 5)} | {f(r.get('top1'))} | {f(r.get('top5'))} | "
+           f"{f(r.get('ppl_teacher'), 3)} → {f(r.get('ppl_student'), 3)} |", ""]
+    worst = r.get("worst_layers") or {}
+    if worst:
+        out += ["Largest relative output error of a decoder layer with one module class quantized (teacher's input):", "",
+                "| Module class | Layers (error) |", "|---|---|"]
+        out += [f"| {cls} | " + ", ".join(f"{w['layer']} ({f(w['rel_error'])})" for w in rows) + " |" for cls, rows in worst.items()]
+        out.append("")
+    return out
+
+
+def is_fmtconv_card(out_dir: str | Path) -> bool:
+    """Whether the bundle's README.md is a card fmtconv wrote (not a copied source card)."""
+    try:
+        return "\n- fmtconv\n" in (Path(out_dir) / README).read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def _runtime_of(config: Mapping[str, Any]) -> str:
@@ -239,6 +311,7 @@ def write_model_card(
     revision: str | None = None,
     repo_id: str | None = None,
     run_verify: bool = True,
+    pair: str | None = None,
 ) -> Path:
     """Render README.md into a written bundle (config, index and shards in place).
 
@@ -267,8 +340,10 @@ def write_model_card(
             source, revision = snap[0], revision or snap[1]
     if verify_summary is None and run_verify:
         verify_summary = verify_bundle(out).summary_json()
+    from fmtconv.convert.check.eval import read_report
+
     text = render_model_card(config, source, recipe_name, verify_summary, files_info(out), revision=revision,
-                             title=out.name.removesuffix(".partial"), repo_id=repo_id)
+                             title=out.name.removesuffix(".partial"), repo_id=repo_id, evaluation=read_report(out), pair=pair)
     path = out / README
     tmp = path.with_name(README + ".tmp")
     tmp.write_text(text)
@@ -276,4 +351,4 @@ def write_model_card(
     return path
 
 
-__all__ = ["FilesInfo", "README", "files_info", "render_model_card", "write_model_card"]
+__all__ = ["FilesInfo", "README", "files_info", "is_fmtconv_card", "render_model_card", "write_model_card"]

@@ -1,0 +1,121 @@
+"""`--fit SIZE` / `--target-bpw X`: the solve, end to end on fixtures (the bundle fits, loads in its runtime with the
+recipe's bits and passes the logits gate), the cache, constraints, the published V4 preset, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+import release_headers as rh
+from fmtconv.convert import convert, plan
+from fmtconv.convert.api import eval_tokens
+from fmtconv.convert.fit.allocate import FIT_RECIPE_FILE
+from fmtconv.convert.fit.solve import Option, solve
+from fmtconv.convert.recipes import PRESETS, load_recipe, recipe_from_dict
+from fmtconv.errors import FmtconvError
+from runtime_helpers import CLIENTS, FIXTURES, baseline_model, load_bundle, logits, module_settings, rel_rms, tokens_for
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_solve_finds_the_exhaustive_optimum_within_budget():
+    rng = random.Random(7)
+    for _ in range(300):
+        options = {f"u{i}": [Option(j, rng.randint(1, 50) * rng.choice([1, 997, 100003]), rng.random())
+                             for j in range(rng.randint(1, 5))] for i in range(rng.randint(1, 5))}
+        least = sum(min(o.nbytes for o in v) for v in options.values())
+        budget = rng.randint(least, sum(max(o.nbytes for o in v) for v in options.values()))
+        chosen = solve(options, budget)
+        assert sum(o.nbytes for o in chosen.values()) <= budget
+        best = min(sum(o.cost for o in combo) for combo in itertools.product(*options.values())
+                   if sum(o.nbytes for o in combo) <= budget)
+        assert sum(o.cost for o in chosen.values()) <= best * (1 + 1e-9) + 1e-12
+
+
+def test_solve_refuses_a_budget_below_the_smallest_choice():
+    with pytest.raises(ValueError, match="smallest choice takes 5 bytes"):
+        solve({"a": [Option(0, 3, 1.0)], "b": [Option(0, 2, 0.5), Option(1, 9, 0.1)]}, 4)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("fit-cache")
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-tiny", "qwen3-moe-fp8-tiny"])
+def test_fit_to_a_presets_size_loads_and_passes_the_gate(name, cache, tmp_path):
+    fixture = FIXTURES / name
+    budget = plan(fixture, "mixed_3_6").total_bytes
+    tokens = eval_tokens(fixture, [fixture], n_tokens=128, seq_len=64)
+    out = tmp_path / "fit"
+    summary = convert(fixture, out, recipe=None, fit=budget, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
+    assert summary["bytes_out"] <= budget
+    config = json.loads((out / "config.json").read_text())
+    assert config["fmtconv"]["fit"]["budget_bytes"] == budget and config["fmtconv"]["fit"]["planned_bytes"] <= budget
+    assert "| Allocation | fmtconv `--fit`" in (out / "README.md").read_text()
+    # The written recipe reproduces the allocation exactly.
+    again = plan(fixture, load_recipe(out / FIT_RECIPE_FILE), kernel_backend="cpu")
+    assert again.total_bytes == summary["bytes_out"]
+    model = load_bundle(out, CLIENTS[name][0])
+    settings = module_settings(model)
+    intent = {t.target.module: {"bits": t.bits, "group_size": t.group_size, "mode": t.mode} for t in again.tensors if t.quantized}
+    assert settings == intent
+    ids = tokens_for(fixture)
+    ref = logits(CLIENTS[name][1](fixture), ids)
+    err, base = rel_rms(logits(model, ids), ref), rel_rms(logits(baseline_model(fixture, settings), ids), ref)
+    print(f"{name}: fit to {budget} bytes -> {summary['bytes_out']}; logits rel RMS {err:.4f}, baseline {base:.4f}")
+    assert err <= 1.25 * base
+    # A second fit at another size reuses the measured sensitivities.
+    p = plan(fixture, None, fit=plan(fixture, "q4q8").total_bytes, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
+    assert p.fit["measured"] is False and p.total_bytes <= plan(fixture, "q4q8").total_bytes
+
+
+def test_target_bpw_and_constraints(cache):
+    fixture = FIXTURES / "qwen3-moe-fp8-tiny"
+    tokens = eval_tokens(fixture, [fixture], n_tokens=128, seq_len=64)
+    pin = recipe_from_dict({"name": "pin-router", "rules": [{"match": r"mlp\.gate$", "mode": "affine", "bits": 8}]})
+    p = plan(fixture, pin, target_bpw=4.5, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
+    assert p.bits_per_weight <= 4.5
+    routers = [t for t in p.tensors if t.target.module.endswith("mlp.gate")]
+    assert routers and all(t.bits == 8 and t.group_size == 64 for t in routers)
+    assert p.recipe.rules[0].match == r"mlp\.gate$"  # constraints first, then the allocation
+
+
+def test_bad_budgets_are_refused_before_anything_is_written(cache, tmp_path):
+    fixture = FIXTURES / "qwen3-moe-fp8-tiny"
+    tokens = eval_tokens(fixture, [fixture], n_tokens=64, seq_len=64)
+    with pytest.raises(FmtconvError, match=r"below the smallest bundle fmtconv can plan for this source: \d+ bytes"):
+        plan(fixture, None, fit=1000, fit_tokens=tokens, fit_cache=cache)
+    with pytest.raises(FmtconvError, match="--fit SIZE or --target-bpw X, not both"):
+        plan(fixture, None, fit=10**6, target_bpw=4.0, fit_tokens=tokens)
+    keep_all = recipe_from_dict({"name": "keep-all", "rules": [{"mode": "keep"}]})
+    with pytest.raises(FmtconvError, match="the recipe 'keep-all' alone takes .* over the budget"):
+        plan(fixture, keep_all, fit=plan(fixture, "mixed_3_6").total_bytes, fit_tokens=tokens, fit_cache=cache)
+    run = _cli("convert", fixture, tmp_path / "out", "--fit", "1KB", "--fit-cache", cache, "--n-tokens", "64")
+    assert run.returncode == 2 and "fmtconv: error:" in run.stderr and "smallest bundle" in run.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+    run = _cli("plan", fixture, "--fit", "1MB", "--target-bpw", "4")
+    assert run.returncode == 2 and "not allowed with argument" in run.stderr
+
+
+def test_the_published_v4_q3_preset_at_full_size(tmp_path):
+    """The published DeepSeek-V4-Flash Q3 bundle: 135.3 GB, 3.808 bits per weight at group 128."""
+    src = rh.write_release(tmp_path / "release", rh.v4_flash_config(), rh.v4_flash_specs())
+    p = plan(src, "v4_q3")
+    assert p.total_bytes == pytest.approx(135.3e9, rel=0.01) and p.bits_per_weight == pytest.approx(3.808, rel=0.01)
+    low = {t.target.module for t in p.tensors if t.quantized and t.bits <= 3}
+    assert low and all("switch_mlp" in m for m in low)  # attention, compressor, indexer, shared experts: 6-bit
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_group_size_applies_to_every_preset(preset):
+    p = plan(FIXTURES / "deepseek-v4-flash-tiny", preset, group_size=128)
+    affine = [t for t in p.tensors if t.quantized and t.mode == "affine" and t.route != "exact-affine"]
+    assert all(t.group_size == 128 for t in affine)
