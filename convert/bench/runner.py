@@ -47,7 +47,7 @@ TARGETS = (
     ("fmtconv vs mlx_lm.convert (V3 FP8)", "ratio_v3_fmtconv_over_mlx_lm", ">=", 5.0),
     ("V3 bytes identical to mlx_lm.convert", "v3_bytes_identical", "==", True),
     ("peak RSS of fmtconv, MB", "fmtconv_peak_rss_mb", "<=", 1500.0),
-    ("first fmtconv run / median of the later ones", "ratio_first_run_over_later", "<=", 1.1),
+    ("first fmtconv run (compiling) / median of the later ones", "ratio_first_run_over_later", "<=", 1.1),
 )
 # With two sizes: each fmtconv phase's time ratio over the size ratio, within 10 % of 1.
 SCALING_TOLERANCE = 0.1
@@ -120,13 +120,17 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def first_run(report: dict[str, Any], runs: list[dict[str, Any]]) -> None:
     """The first fmtconv run against the median of the later ones: after a fresh install, the first run is the one
-    that compiles the kernels (its `kernels` record says which it compiled, and in how many seconds)."""
+    that compiles the kernels (its `kernels` record says which, and in how many seconds).  The target's ratio is set
+    only when that run compiled something: otherwise the difference is the page cache's, not a fresh install's."""
     if len(runs) < 2 or not all("wall_s" in r for r in runs):
         return
     later = statistics.median(r["wall_s"] for r in runs[1:])
-    report["first_run"] = {"wall_s": runs[0]["wall_s"], "later_median_wall_s": round(later, 3),
-                           "compiled_kernels": sorted(k for k, v in runs[0].get("kernels", {}).items() if v.get("compiled"))}
-    report["ratio_first_run_over_later"] = round(runs[0]["wall_s"] / later, 3)
+    compiled = {k: v for k, v in runs[0].get("kernels", {}).items() if v.get("compiled")}
+    report["first_run"] = {"wall_s": runs[0]["wall_s"], "later_median_wall_s": round(later, 3), "compiled_kernels": sorted(compiled),
+                           "compile_s": round(sum(v["seconds"] for v in compiled.values()), 3),
+                           "ratio_over_later": round(runs[0]["wall_s"] / later, 3)}
+    if compiled:
+        report["ratio_first_run_over_later"] = report["first_run"]["ratio_over_later"]
 
 
 def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], workers: int | None, keep: bool, quiet: bool,
