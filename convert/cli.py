@@ -165,10 +165,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     if args.mtp_out and not args.mtp:
         raise FmtconvError("--mtp-out names where the drafter bundle goes; it needs --mtp")
+    if args.command == "convert" and not args.recipe and not _fits(args):
+        raise FmtconvError("fmtconv convert needs --recipe NAME|FILE, or --fit SIZE / --target-bpw X")
     _resolve_src(args)
     recipe = _recipe_for(args)
-    if args.command == "convert" and recipe is None and not _fits(args):
-        raise FmtconvError("fmtconv convert needs --recipe NAME|FILE, or --fit SIZE / --target-bpw X")
     if args.command in ("mxfp4-to-affine", "fp8-to-affine") and not args.recipe and not _fits(args):
         codec = "mxfp4" if args.command == "mxfp4-to-affine" else "fp8_block"
         p = _plan_from_args(args)

@@ -49,13 +49,17 @@ def cache(tmp_path_factory):
     return tmp_path_factory.mktemp("fit-cache")
 
 
-@pytest.mark.parametrize("name", ["gpt-oss-tiny", "qwen3-moe-fp8-tiny"])
-def test_fit_to_a_presets_size_loads_and_passes_the_gate(name, cache, tmp_path):
+# One fixture per runtime model family shape: mlx-lm MoE (two), mlx-vlm DeepSeek-V4-Flash, mlx-vlm vision-language.
+@pytest.mark.parametrize("name,by", [("gpt-oss-tiny", "fit"), ("qwen3-moe-fp8-tiny", "fit"),
+                                     ("deepseek-v4-flash-tiny", "bpw"), ("step3p7-nvfp4-tiny", "fit")])
+def test_fit_to_a_presets_size_loads_and_passes_the_gate(name, by, cache, tmp_path):
     fixture = FIXTURES / name
-    budget = plan(fixture, "mixed_3_6").total_bytes
+    preset = plan(fixture, "mixed_3_6")
+    budget = preset.total_bytes if by == "fit" else int(4.0 * preset.total_params / 8)
     tokens = eval_tokens(fixture, [fixture], n_tokens=128, seq_len=64)
     out = tmp_path / "fit"
-    summary = convert(fixture, out, recipe=None, fit=budget, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
+    size = {"fit": budget} if by == "fit" else {"target_bpw": 4.0}
+    summary = convert(fixture, out, recipe=None, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu", **size)
     assert summary["bytes_out"] <= budget
     config = json.loads((out / "config.json").read_text())
     assert config["fmtconv"]["fit"]["budget_bytes"] == budget and config["fmtconv"]["fit"]["planned_bytes"] <= budget
@@ -73,8 +77,9 @@ def test_fit_to_a_presets_size_loads_and_passes_the_gate(name, cache, tmp_path):
     print(f"{name}: fit to {budget} bytes -> {summary['bytes_out']}; logits rel RMS {err:.4f}, baseline {base:.4f}")
     assert err <= 1.25 * base
     # A second fit at another size reuses the measured sensitivities.
-    p = plan(fixture, None, fit=plan(fixture, "q4q8").total_bytes, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
-    assert p.fit["measured"] is False and p.total_bytes <= plan(fixture, "q4q8").total_bytes
+    bigger = plan(fixture, "q4q8").total_bytes
+    p = plan(fixture, None, fit=bigger, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
+    assert p.fit["measured"] is False and p.total_bytes <= bigger
 
 
 def test_target_bpw_and_constraints(cache):

@@ -45,6 +45,7 @@ class FitResult:
     cache: str | None
     measured: bool  # False: the costs came from the cache
     reference: dict[str, float] = field(default_factory=dict)  # every unit at the reference: measured and predicted KL
+    unmeasured: list[str] = field(default_factory=list)  # units kept at affine 8-bit: the forward never calls them as modules
 
     @property
     def planned_bytes(self) -> int:
@@ -53,7 +54,8 @@ class FitResult:
     def to_json(self) -> dict[str, Any]:
         return {"budget_bytes": self.budget, "planned_bytes": self.planned_bytes, "predicted_kl": self.predicted_kl,
                 "choice": {u: c.label for u, c in self.choice.items()}, "sensitivity_cache": self.cache,
-                "measured": self.measured, "reference_check": self.reference, "recipe": self.recipe.model_dump(mode="json")}
+                "measured": self.measured, "reference_check": self.reference, "unmeasured": self.unmeasured,
+                "recipe": self.recipe.model_dump(mode="json")}
 
     def toml(self) -> str:
         return recipe_toml(self.recipe, [f"fmtconv --fit: budget {self.budget} bytes ({human_bytes(self.budget)}), planned "
@@ -109,13 +111,20 @@ def fit_recipe(source: str | Path, budget: int, *, tokens: TokenBatch, constrain
         where = str(saved) if saved else None
     else:
         where = next((str(d / f"sensitivity-{key}.json") for d in dirs if (d / f"sensitivity-{key}.json").exists()), None)
-    options = {u.key: [Option(c, options_bytes[u.key][c], table.kl(u.key, c)) for c in cands[u.key]] for u in units}
-    assert smallest(options) + fixed <= budget
+    # A unit the measurement could not reach (a head the runtime applies as a plain matmul) has one option: SAFE.
+    options = {u.key: [Option(c, options_bytes[u.key][c], table.kl(u.key, c)) for c in cands[u.key] if c in table.costs[u.key]]
+               for u in units}
+    if smallest(options) + fixed > budget:
+        least = smallest(options) + fixed
+        raise FmtconvError(f"the budget of {budget} bytes ({human_bytes(budget)}) is below the smallest bundle fmtconv can "
+                           f"plan for this source with measured costs: {least} bytes ({human_bytes(least)}; "
+                           f"unmeasured units kept at 8 bits: {', '.join(table.meta.get('unmeasured', []))})", file=source)
     chosen = solve(options, budget - fixed)
     choice = {u: o.choice for u, o in chosen.items()}
     recipe = fitted_recipe(units, choice, constraints, budget)
     return FitResult(recipe, budget, fixed, table.predicted_kl(choice), choice, {u: o.nbytes for u, o in chosen.items()},
-                     where, measured, {"measured_kl": table.kl_reference, "predicted_kl": table.predicted_reference})
+                     where, measured, {"measured_kl": table.kl_reference, "predicted_kl": table.predicted_reference},
+                     table.meta.get("unmeasured", []))
 
 
 def _with_keep(constraints: Recipe | None) -> Recipe:

@@ -50,6 +50,7 @@ class Candidate:
 
 KEEP = Candidate("keep")
 REFERENCE = Candidate("affine", 4, 64, "minmax")  # the calibration pass quantizes every unit to this
+SAFE = Candidate("affine", 8, 64, "minmax")  # what a unit whose cost could not be measured gets
 
 
 @dataclass

@@ -34,13 +34,13 @@ from fmtconv.convert.check.eval.metrics import log_softmax64
 from fmtconv.convert.check.eval.run import sequence_logits, side_modules, swapped
 from fmtconv.convert.check.eval.tokens import TokenBatch
 from fmtconv.convert.encode import TensorEncoder
-from fmtconv.convert.fit.candidates import KEEP, REFERENCE, Candidate, Unit
+from fmtconv.convert.fit.candidates import KEEP, REFERENCE, SAFE, Candidate, Unit
 from fmtconv.convert.plan import Plan, PlannedTensor, build_plan
 from fmtconv.convert.recipes import recipe_from_dict
 from fmtconv.convert.runtimes import runtime_named
 from fmtconv.formats.safetensors_io import Checkpoint
 
-SENSITIVITY_VERSION = 1  # bump when the measure changes: cached tables of another version are not used
+SENSITIVITY_VERSION = 2  # bump when the measure changes: cached tables of another version are not used
 Progress = Callable[[str, int, int], None]
 
 
@@ -379,16 +379,23 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
             kl = _kl_mean(t_logits, logits[c * rows : (c + 1) * rows], mask)
             gains[str(f)] = kl / fork_d[f] if fork_d.get(f, 0.0) > 0 else 0.0
         costs = {}
+        unmeasured = []
         for u in units:
+            if not local[u.key]:  # a module the runtime's forward never calls as one (vMLX's head: a plain matmul)
+                unmeasured.append(u.key)
+                safe = SAFE if SAFE in candidates[u.key] else KEEP
+                costs[u.key] = {safe: 0.0}
+                continue
             g = 1.0 if u.key in head else gains[str(u.layer if u.layer is not None else "embedding")]
             costs[u.key] = {c: g * v for c, v in local[u.key].items()}
         kl_ref = _reference_kl(teacher, enc, units, rel, reference, ids, t_logits, mask, runtime, progress)
     finally:
         enc.close()
         teacher.close()
-    predicted = sum(costs[u.key][reference[u.key]] for u in units)
+    predicted = sum(costs[u.key].get(reference[u.key], 0.0) for u in units)
     return Sensitivity(costs, gains, float(kl_ref), float(predicted), int(tokens.count),
-                       {"source": str(source), "runtime": keep_plan.runtime, "layout": layout.family, **settings})
+                       {"source": str(source), "runtime": keep_plan.runtime, "layout": layout.family, **settings,
+                        "unmeasured": unmeasured})
 
 
 def _reference_kl(teacher: models.TeacherModel, enc: CandidateEncoder, units: list[Unit], rel: dict[str, list[str]],

@@ -40,12 +40,19 @@ class _Setup:
     source: Path
     config: dict[str, Any]
     runtime: Any
-    batch: np.ndarray  # [sequences, max length] int32, right-padded
-    lengths: list[int]
+    tokens: TokenBatch
+
+    @property
+    def batch(self) -> np.ndarray:  # [sequences, longest] int32, right-padded
+        return self.tokens.padded()
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.tokens.lengths
 
     @property
     def mask(self) -> np.ndarray:
-        return np.arange(self.batch.shape[1])[None, :] < np.asarray(self.lengths)[:, None]
+        return self.tokens.mask()
 
 
 def _setup(bundle: Path, source: Path, tokens: TokenBatch) -> _Setup:
@@ -59,24 +66,16 @@ def _setup(bundle: Path, source: Path, tokens: TokenBatch) -> _Setup:
     if not runtime.installed():
         raise FmtconvError(f"the bundle is written for {runtime.name}, which is not installed (pip install {runtime.name})",
                            file=bundle)
-    return _Setup(bundle, source, config, runtime, tokens.padded(), tokens.lengths)
+    return _Setup(bundle, source, config, runtime, tokens)
 
 
 def sequence_logits(runtime: Any, model: Any, batch: np.ndarray) -> np.ndarray:
+    """Float32 logits [sequences, positions, vocab] of a padded batch through the runtime's text path."""
     import mlx.core as mx
 
-    out = runtime.sequence_logits(model, mx.array(batch)) if hasattr(runtime, "sequence_logits") else _text_logits(model, batch)
-    out = out.astype(mx.float32)
+    out = runtime.sequence_logits(model, mx.array(batch)).astype(mx.float32)
     mx.eval(out)
     return np.array(out)
-
-
-def _text_logits(model: Any, batch: np.ndarray) -> Any:
-    import mlx.core as mx
-
-    text = model.language_model if hasattr(model, "language_model") else model
-    out = text(mx.array(batch))
-    return getattr(out, "logits", out)
 
 
 def token_stats(batch: np.ndarray, lengths: list[int], teacher: np.ndarray, student: np.ndarray) -> dict[str, Any]:
