@@ -430,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold", action="store_true",
                    help="drop the source's pages from the page cache before every phase (Linux), so each reads it from disk")
     p.add_argument("--keep", action="store_true", help="keep the converted outputs")
+    p.add_argument("--discard-data", action="store_true",
+                   help="remove each size's synthetic checkpoints once its phases are done (default: kept for the next run)")
     p.add_argument("--kernel-backend", default="cpu", choices=["metal", "cuda", "cpu"],
                    help="encoders bench: the affine arithmetic (default cpu)")
     p.add_argument("--source", action="extend", nargs="+",
@@ -503,7 +505,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     sizes = args.size or [4 * 10**9]
     phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
     run_bench(Path(args.dir) if args.dir else None, sizes if len(sizes) > 1 else sizes[0], args.json, args.keep,
-              workers=args.workers, phases=phases, repeat=args.repeat, cold=args.cold)
+              workers=args.workers, phases=phases, repeat=args.repeat, cold=args.cold, discard_data=args.discard_data)
     return 0
 
 

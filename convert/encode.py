@@ -20,6 +20,9 @@ from fmtconv.formats.safetensors_io import Checkpoint
 
 # Elements of one row block; a few blocks are in flight per worker (each costs ~10-20 bytes/element).
 BLOCK_ELEMENTS = 1 << 22
+# The compiled table routes (MXFP4, FP8 codes straight to affine) hold ~2 bytes/element: larger blocks, so fewer
+# jobs, read-ahead hints and writes per byte.
+TABLE_BLOCK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -37,8 +40,10 @@ def _row_slice(pt: PlannedTensor) -> slice | None:
     return None if pt.target.rows is None else slice(*pt.target.rows)
 
 
-def iter_jobs(pt: PlannedTensor) -> Iterator[Job]:
-    """Row blocks of every source of a planned tensor, with the output row each lands at."""
+def iter_jobs(pt: PlannedTensor, block: int | None = None) -> Iterator[Job]:
+    """Row blocks of about `block` elements (default BLOCK_ELEMENTS) of every source of a planned tensor, with the
+    output row each lands at."""
+    block = BLOCK_ELEMENTS if block is None else block
     t = pt.target
     g0 = t.sources[0]
     last = g0.shape[-1]
@@ -50,15 +55,48 @@ def iter_jobs(pt: PlannedTensor) -> Iterator[Job]:
         return
     mat, n_sel = 1, 1  # without a selection every source row is an output row
     if sel is None:
-        step_rows = max(128, (BLOCK_ELEMENTS // max(last, 1)) // 128 * 128)
+        step_rows = max(128, (block // max(last, 1)) // 128 * 128)
     else:  # blocks of whole matrices along axis -2, so the strided selection stays inside a block
         mat = g0.shape[-2]
         n_sel = len(range(*sel.indices(mat)))
-        step_rows = mat * max(1, BLOCK_ELEMENTS // max(mat * last, 1))
+        step_rows = mat * max(1, block // max(mat * last, 1))
     out_per_src = g0.rows // mat * n_sel
     for k, g in enumerate(t.sources):
         for a in range(0, g.rows, step_rows):
             yield Job(pt, k, a, min(g.rows, a + step_rows), k * out_per_src + a // mat * n_sel)
+
+
+def kernel_key(plan: Plan, pt: PlannedTensor) -> str | None:
+    """The compiled kernel (an fmtconv.kernels key) the tensor's jobs call, as TensorEncoder._encode picks routes; None
+    for the routes that run kernels_ref (NumPy) only.  A job that falls back to another route (bad values, an
+    unusual layout) compiles that kernel when it first runs."""
+    from fmtconv import kernels
+
+    if pt.route != REQUANT or pt.mode != "affine" or pt.encoder == "mse":
+        return None
+    g = pt.target.sources[0]
+    if pt.target.transform is None and g.codec == "mxfp4":
+        return kernels.MXFP4
+    if pt.target.transform is None and g.codec == "fp8_block" and pt.target.rows is None:
+        if g.params.get("scale_kind") == "e8m0":
+            return kernels.FP8_E8M0
+        if plan.rounding == "mlx-lm":
+            return kernels.FP8_FLOAT
+    return kernels.dense(COMPUTE_DTYPES[pt.dtype])
+
+
+def kernel_keys(plan: Plan) -> set[str]:
+    """The compiled kernels the plan's jobs call: what a conversion compiles or loads before its workers start."""
+    return {k for pt in plan.tensors if (k := kernel_key(plan, pt)) is not None}
+
+
+def block_elements(plan: Plan, pt: PlannedTensor) -> int:
+    """Elements per job: TABLE_BLOCK_ELEMENTS where a compiled table kernel reads the codes (about 2 bytes a
+    element in memory: codes, output, scales), BLOCK_ELEMENTS where values are decoded to floats first."""
+    from fmtconv import kernels
+
+    table = kernel_key(plan, pt) in (kernels.MXFP4, kernels.FP8_E8M0, kernels.FP8_FLOAT)
+    return TABLE_BLOCK_ELEMENTS if table and kernels.compiled() else BLOCK_ELEMENTS
 
 
 def select_rows(a: np.ndarray, pt: PlannedTensor) -> np.ndarray:

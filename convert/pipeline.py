@@ -1,9 +1,10 @@
 """Executes a plan: row blocks stream through decode -> encode into preallocated shards.
 
 Memory stays bounded: sources are read through mmap one row block at a time (pages released
-after use), results land at their offsets with pwrite, and at most a few blocks are in flight.
-Work goes into `OUT.partial/`; a manifest records finished shards with their SHA-256 so a
-re-run resumes; `OUT.partial` becomes `OUT` only once index, config and side files are complete.
+after use), results are staged in the shard's aligned chunks and written behind (formats/shard_writer.py),
+and at most a few blocks are in flight.  Work goes into `OUT.partial/`; a manifest records finished
+shards with their digest so a re-run resumes; `OUT.partial` becomes `OUT` only once index, config and
+side files are complete.
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import errno
 import fcntl
-import hashlib
 import json
-import mmap
 import os
 import shutil
 import threading
@@ -25,18 +24,13 @@ from typing import Any
 import numpy as np
 
 from fmtconv import __version__
-from fmtconv.convert.plan import Plan, PlannedTensor
+from fmtconv.convert.plan import Plan
 from fmtconv.convert.bundle.files import copy_side_files, output_config
 from fmtconv.convert.check.conformance import check_plan, enforce
-from fmtconv.convert.encode import Job, TensorEncoder, iter_jobs
+from fmtconv.convert.encode import Job, TensorEncoder, block_elements, iter_jobs, kernel_keys
 from fmtconv.errors import FmtconvError
-from fmtconv.formats.safetensors_io import (
-    Checkpoint,
-    PreallocatedSafetensorsWriter,
-    TensorSpec,
-    encode_header,
-    write_index,
-)
+from fmtconv.formats.safetensors_io import Checkpoint, PreallocatedSafetensorsWriter, write_index
+from fmtconv.formats.shard_writer import ChunkPool, shard_digest
 
 MANIFEST = "fmtconv-manifest.json"
 LOCK = ".fmtconv.lock"
@@ -61,6 +55,8 @@ class Converter(TensorEncoder):
         self._done_bytes = 0
         self._done_lock = threading.Lock()
         self._t0 = time.perf_counter()  # reset by check(): the run's wall time starts there
+        self._pool = ChunkPool()  # the shards' write buffers, reused from shard to shard
+        self.kernels: dict[str, Any] = {}  # kernels warmed up by this run: seconds, and whether numba compiled them
 
     # ---- one shard -----------------------------------------------------------------------------
     def _run_job(self, ck: Checkpoint, job: Job, writers: dict[str, PreallocatedSafetensorsWriter]) -> int:
@@ -93,13 +89,15 @@ class Converter(TensorEncoder):
         specs = self.plan.shards[index]
         names = {s.name for s in specs}
         tensors = [pt for pt in self.plan.tensors if any(p.name in names for p in pt.parts)]
-        writer = PreallocatedSafetensorsWriter(self.partial / fname, specs, {"format": "mlx"})
+        writer = PreallocatedSafetensorsWriter(self.partial / fname, specs, {"format": "mlx"}, pool=self._pool)
         writers = {s.name: writer for s in specs}
-        jobs = [list(iter_jobs(pt)) for pt in tensors]
-        behind = _FlushBehind(writer.tmp, _tensor_ends(specs, tensors), [len(j) for j in jobs])
+        jobs = [list(iter_jobs(pt, block_elements(self.plan, pt))) for pt in tensors]
+        left = [len(j) for j in jobs]
 
         def job_done(f: cf.Future) -> None:
-            if behind.job_done(f.tensor_index):  # type: ignore[attr-defined]
+            t = f.tensor_index  # type: ignore[attr-defined]
+            left[t] -= 1
+            if left[t] == 0:
                 self._tensors_done += 1
                 if self.tensor_progress:
                     self.tensor_progress(self._tensors_done, len(self.plan.tensors))
@@ -115,15 +113,13 @@ class Converter(TensorEncoder):
                         if len(pending) >= 2 * self.workers:
                             pending = self._drain(pending, cf.FIRST_COMPLETED, job_done)
                 self._drain(pending, cf.ALL_COMPLETED, job_done)
-            behind.finish(writer.size)
-            path = writer.close()
+            writer.close()
         except BaseException:
-            behind.close()
             writer.abort()
             raise
-        behind.close()
         self._check_source_unchanged()
-        return behind.hexdigest() if behind.complete else _sha256(path)
+        assert writer.digest is not None
+        return writer.digest
 
     def _drain(self, pending: set[cf.Future], how: str, on_done: Callable[[cf.Future], None] | None = None) -> set[cf.Future]:
         done, rest = cf.wait(pending, return_when=how)
@@ -183,7 +179,7 @@ class Converter(TensorEncoder):
             from fmtconv.kernels import auto_for, warm_up
 
             auto_for(self.plan.total_params)
-            warm_up()  # compile or load the kernels now, not inside the first jobs
+            self.kernels = warm_up(kernel_keys(self.plan))  # compile or load the plan's kernels now, not in the first jobs
             try:
                 with Checkpoint(self.plan.source) as ck:
                     for i, fname in enumerate(self.plan.shard_files):
@@ -226,6 +222,7 @@ class Converter(TensorEncoder):
         wall = time.perf_counter() - self._t0
         out = summary(self.plan, self.out, wall)
         out["conformance"] = [c.to_json() for c in self.conformance]
+        out["kernels"] = self.kernels
         out["warnings"] = out["warnings"] + list(dict.fromkeys(c.skipped for c in self.conformance if c.skipped))
         return out
 
@@ -262,7 +259,7 @@ class Converter(TensorEncoder):
         good = {}
         for fname, digest in m.get("shards", {}).items():
             p = self.partial / fname
-            if p.exists() and _sha256(p) == digest:
+            if p.exists() and shard_digest(p) == digest:
                 good[fname] = digest
         self._clear_partial(keep={MANIFEST, LOCK, *good})  # unfinished shards (*.tmp) and anything unrecorded
         m["shards"] = good
@@ -299,120 +296,6 @@ class Converter(TensorEncoder):
             self._lock_fd = None
 
 
-_HASH_CHUNK = 1 << 22  # bytes per read when hashing (small: it counts towards peak RSS)
-
-
-def _tensor_ends(specs: list[TensorSpec], tensors: list[PlannedTensor]) -> list[int] | None:
-    """File offset where each planned tensor's parts end in the shard (parts are laid out tensor by tensor,
-    as build_plan orders them); None if the layout is not in that order."""
-    pos = len(encode_header(specs, {"format": "mlx"}))
-    end = {}
-    for spec in specs:
-        pos += spec.nbytes
-        end[spec.name] = pos
-    ends = [max(end[p.name] for p in pt.parts) for pt in tensors]
-    return ends if ends == sorted(ends) else None
-
-
-class _FlushBehind:
-    """SHA-256 of a shard computed while it is written, on a thread of its own: whenever the tensors at its start
-    are complete, their bytes are hashed (still in the page cache) and handed to the kernel for writeback
-    (POSIX_FADV_DONTNEED starts it), so the disk works during the conversion, the shard is neither re-read nor left
-    to one long fsync, and the thread that feeds the workers never waits for the hash."""
-
-    def __init__(self, path: Path, ends: list[int] | None, jobs: list[int]):
-        self.ends, self.left = ends, list(jobs)
-        self.complete = False
-        self._sha = hashlib.sha256()
-        self._pos, self._next, self._target = 0, 0, 0
-        self._fd = os.open(path, os.O_RDONLY) if ends is not None else -1
-        self._map: mmap.mmap | None = None
-        self._cond = threading.Condition()
-        self._stop = False
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-        if ends is not None:
-            self._thread = threading.Thread(target=self._run, name="fmtconv-hash", daemon=True)
-            self._thread.start()
-
-    def job_done(self, tensor: int) -> bool:
-        """Count one finished job of tensor `tensor`; True when that was its last."""
-        self.left[tensor] -= 1
-        if self.ends is not None:
-            while self._next < len(self.left) and self.left[self._next] == 0:
-                self._next += 1
-            if self._next:
-                self._hash_to(self.ends[self._next - 1])
-        return self.left[tensor] == 0
-
-    def finish(self, size: int) -> None:
-        """Hash the rest (every byte is written) and wait for the thread."""
-        if self.ends is not None:
-            self._hash_to(size)
-            self._join()
-            if self._error is not None:
-                raise self._error
-            self.complete = True
-
-    def hexdigest(self) -> str:
-        return self._sha.hexdigest()
-
-    def _hash_to(self, end: int) -> None:
-        with self._cond:
-            if end > self._target:
-                self._target = end
-                self._cond.notify()
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while self._pos >= self._target and not self._stop:
-                        self._cond.wait()
-                    if self._pos >= self._target:
-                        return
-                    end = self._target
-                self._advance(end)
-        except BaseException as e:  # raised again by finish()
-            self._error = e
-
-    def _advance(self, end: int) -> None:
-        """Hash [pos, end) straight from the page cache through a read-only map (no copy), dropping each chunk's
-        pages after it (out of this process's RSS, and out of the page cache once they are on disk)."""
-        if self._map is None:
-            if os.fstat(self._fd).st_size < end:
-                raise OSError(errno.EIO, "shard shorter than planned while hashing")
-            self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_READ)
-        page = mmap.PAGESIZE
-        with memoryview(self._map) as view:
-            while self._pos < end:
-                start, stop = self._pos, min(self._pos + _HASH_CHUNK, end)
-                self._sha.update(view[start:stop])
-                self._pos = stop
-                lo, hi = start // page * page, stop // page * page
-                if hi > lo:
-                    self._map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-                    if hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(self._fd, lo, hi - lo, os.POSIX_FADV_DONTNEED)
-
-    def _join(self) -> None:
-        if self._thread is not None:
-            with self._cond:
-                self._stop = True
-                self._cond.notify()
-            self._thread.join()
-            self._thread = None
-
-    def close(self) -> None:
-        self._join()
-        if self._map is not None:
-            self._map.close()
-            self._map = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity mask where the platform has one)."""
     try:
@@ -441,14 +324,6 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     else:
         p.unlink(missing_ok=True)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_out_path(src: Path, out: Path, overwrite: bool) -> None:

@@ -14,7 +14,6 @@ import math
 import mmap
 import os
 import struct
-import sys
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from fmtconv.errors import FmtconvError
 from fmtconv.formats.dtypes import dtype_name_for, stored_dtype
+from fmtconv.formats.shard_writer import ChunkPool, ShardWriter
 
 INDEX_NAME = "model.safetensors.index.json"
 # mlx_lm.utils.MAX_FILE_SIZE_GB = 5 (GiB, `<< 30`); we use the same cap.
@@ -460,64 +460,16 @@ class SafetensorsWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-# Linux: POSIX_FADV_DONTNEED on dirty pages starts their writeback without waiting (and keeps them cached).
-_WRITEBACK = getattr(os, "POSIX_FADV_DONTNEED", None) if sys.platform.startswith("linux") else None
+class PreallocatedSafetensorsWriter(ShardWriter):
+    """A safetensors shard whose tensors are known up front: header written, tensors at their aligned offsets
+    (data_offsets), pieces of them arriving in any order from any thread, staged and written behind
+    (formats/shard_writer.py)."""
 
-
-class PreallocatedSafetensorsWriter:
-    """A shard whose size is known up front: header written, file sized, pieces land at their offsets.
-
-    Pieces of different tensors may arrive in any order and from several threads (os.pwrite);
-    `close()` checks every byte was written, fsyncs, then renames `<name>.tmp` into place.
-    """
-
-    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+    def __init__(self, path: str | os.PathLike, specs: list[TensorSpec], metadata: Mapping[str, str] | None = None, *,
+                 pool: ChunkPool | None = None, direct: bool = True):
         header = encode_header(specs, metadata)
-        self._offsets = {name: (len(header) + a, b - a) for name, (a, b) in data_offsets(specs).items()}
-        self.size = len(header) + sum(s.nbytes for s in specs)
-        self._written = dict.fromkeys(self._offsets, 0)
-        self._fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            os.pwrite(self._fd, header, 0)
-            os.ftruncate(self._fd, self.size)
-        except OSError:
-            self.abort()
-            raise
-
-    def write_at(self, name: str, offset: int, data: np.ndarray | bytes | memoryview) -> None:
-        """Write bytes of tensor `name` starting `offset` bytes into that tensor."""
-        start, n = self._offsets[name]
-        if isinstance(data, np.ndarray):
-            buf = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-        else:
-            buf = memoryview(data).cast("B")
-        if offset < 0 or offset + buf.nbytes > n:
-            raise FmtconvError(f"write of {buf.nbytes} bytes at {offset} overruns its {n} bytes", file=self.path, tensor=name)
-        done = 0
-        while done < buf.nbytes:
-            done += os.pwrite(self._fd, buf[done:], start + offset + done)
-        if _WRITEBACK is not None:  # start writing these pages to disk now (asynchronously), not at the fsync
-            os.posix_fadvise(self._fd, start + offset, buf.nbytes, _WRITEBACK)
-        self._written[name] += buf.nbytes
-
-    def close(self) -> Path:
-        short = [k for k, (_, n) in self._offsets.items() if self._written[k] != n]
-        if short:
-            self.abort()
-            raise FmtconvError("closed before every tensor was written", file=self.path, tensor=short[0])
-        os.fsync(self._fd)
-        os.close(self._fd)
-        self._fd = -1
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-        self.tmp.unlink(missing_ok=True)
+        regions = {name: (len(header) + a, b - a) for name, (a, b) in data_offsets(specs).items()}
+        super().__init__(path, header, regions, pool=pool, direct=direct)
 
 
 def write_safetensors(

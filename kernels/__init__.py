@@ -6,24 +6,32 @@ the bytes are the same either way (tests/test_kernels_compiled.py and tests/test
 
 from fmtconv.kernels.routes import (
     AUTO_MIN_PARAMS,
+    FP8_E8M0,
+    FP8_FLOAT,
     KERNELS_ENV,
+    MXFP4,
     affine_quantize,
     affine_quantize_fp8,
     affine_quantize_mxfp4,
     auto_for,
     compiled,
+    dense,
     pack_codes,
     warm_up,
 )
 
 __all__ = [
     "AUTO_MIN_PARAMS",
+    "FP8_E8M0",
+    "FP8_FLOAT",
     "KERNELS_ENV",
+    "MXFP4",
     "affine_quantize",
     "affine_quantize_fp8",
     "affine_quantize_mxfp4",
     "auto_for",
     "compiled",
+    "dense",
     "pack_codes",
     "warm_up",
 ]

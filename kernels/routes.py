@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import threading
+import time
+from collections.abc import Iterable
 
 import ml_dtypes
 import numpy as np
@@ -24,7 +26,7 @@ KERNELS_ENV = "FMTCONV_KERNELS"  # "auto" (default), "compiled" or "reference"
 # (reference ~200 Mparam/s, compiled ~800, numba's start ~1.5 s: break-even near 400 M).
 AUTO_MIN_PARAMS = 1 << 28
 _warm_lock = threading.Lock()
-_warm = False
+_warm: set[str] = set()  # kernels compiled or loaded in this process
 _auto = True  # what "auto" means now; auto_for() sets it
 
 
@@ -88,21 +90,64 @@ def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
     return fast(codes, bits)
 
 
-def warm_up() -> None:
-    """Compile (or load from numba's on-disk cache) every kernel once, on tiny inputs, before worker threads start."""
-    global _warm
-    if not compiled() or _warm:
-        return
-    with _warm_lock:
-        if _warm:
-            return
-        for dtype in (np.dtype(ml_dtypes.bfloat16), np.dtype(np.float16), np.dtype(np.float32)):
-            affine_quantize(np.zeros((1, 32), dtype=dtype), 32, 4, backend="cpu")
-            affine_quantize_mxfp4(np.zeros((1, 16), np.uint8), np.full((1, 1), 127, np.uint8), 32, 4, dtype=dtype, backend="cpu")
-            srows = np.zeros(1, dtype=np.int64)
-            affine_quantize_fp8(np.zeros((1, 32), np.uint8), np.full((1, 1), 127, np.uint8), srows, 128, scale_kind="e8m0",
-                                group_size=32, bits=4, dtype=dtype, backend="cpu")
-            affine_quantize_fp8(np.zeros((1, 32), np.uint8), np.ones((1, 1), np.float32), srows, 128, scale_kind="float",
-                                group_size=32, bits=4, dtype=dtype, backend="cpu")
+# The compiled kernels by the route that calls them: what warm_up compiles, or loads from numba's cache.
+MXFP4 = "mxfp4"  # MXFP4 codes -> affine (one specialization for every compute dtype: the tables are float32)
+FP8_E8M0 = "fp8_e8m0"  # FP8 x E8M0 block scales -> affine
+FP8_FLOAT = "fp8_float"  # FP8 x float block scales (mlx-lm rounding) -> affine
+PACK = "pack"  # uint32 packing of codes
+
+
+def dense(dtype: np.dtype | str) -> str:
+    """The key of the dense rows -> affine kernel for inputs of `dtype` (bfloat16, float16 or float32)."""
+    return f"dense:{np.dtype(dtype).name}"
+
+
+_BF16 = np.dtype(ml_dtypes.bfloat16)
+KEYS = (MXFP4, FP8_E8M0, FP8_FLOAT, PACK, *(dense(d) for d in (_BF16, np.float16, np.float32)))
+
+
+def _warm_one(key: str) -> None:
+    """One tiny call of the kernel `key` names, with the argument types real calls have."""
+    srows = np.zeros(1, dtype=np.int64)
+    if key.startswith("dense:"):
+        affine_quantize(np.zeros((1, 32), dtype=np.dtype(key.split(":", 1)[1])), 32, 4, backend="cpu")
+    elif key == MXFP4:
+        affine_quantize_mxfp4(np.zeros((1, 16), np.uint8), np.full((1, 1), 127, np.uint8), 32, 4, dtype=_BF16, backend="cpu")
+    elif key in (FP8_E8M0, FP8_FLOAT):
+        scale = np.full((1, 1), 127, np.uint8) if key == FP8_E8M0 else np.ones((1, 1), np.float32)
+        affine_quantize_fp8(np.zeros((1, 32), np.uint8), scale, srows, 128, scale_kind="e8m0" if key == FP8_E8M0 else "float",
+                            group_size=32, bits=4, dtype=_BF16, backend="cpu")
+    elif key == PACK:
         pack_codes(np.zeros((1, 32), np.uint8), 4)
-        _warm = True
+    else:
+        raise ValueError(f"unknown kernel {key!r}; expected one of {KEYS}")
+
+
+def warm_up(keys: Iterable[str] | None = None) -> dict[str, dict[str, float | bool]]:
+    """Compile (or load from numba's on-disk cache) the kernels `keys` names (every kernel when None), on tiny inputs,
+    before worker threads start: a conversion compiles only what its routes call (a kernel not named here still
+    compiles on its first call).  Returns, per kernel warmed now, its seconds and whether numba had to compile it."""
+    done: dict[str, dict[str, float | bool]] = {}
+    if not compiled():
+        return done
+    with _warm_lock:
+        for key in KEYS if keys is None else sorted(keys):
+            if key not in _warm:
+                misses, t0 = _cache_misses(), time.perf_counter()
+                _warm_one(key)
+                done[key] = {"seconds": round(time.perf_counter() - t0, 3), "compiled": _cache_misses() > misses}
+                _warm.add(key)
+    return done
+
+
+def _cache_misses() -> int:
+    """How many signatures numba compiled (found no cached machine code for) so far, over this package's kernels."""
+    from . import affine, fp8, mxfp4, packing
+
+    n = 0
+    for mod in (affine, fp8, mxfp4, packing):
+        for obj in vars(mod).values():
+            misses = getattr(getattr(obj, "stats", None), "cache_misses", None)
+            if misses is not None:
+                n += sum(misses.values())
+    return n

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import fmtconv.kernels as kernels
-from fmtconv.convert import convert
+from fmtconv.convert import convert, plan
+from fmtconv.convert.encode import kernel_keys
 from fmtconv.kernels import routes
 from fmtconv.kernels._jit import numba_available
 
@@ -52,23 +53,27 @@ def test_bytes_do_not_depend_on_the_kernels(tmp_path: Path, monkeypatch, name, r
     src = _synthetic(tmp_path) if name == "synthetic-v4" else FIX / name
     kw = {"recipe": recipe, "kernel_backend": backend, "compute_dtype": dtype, "rounding": rounding, "workers": 2}
     calls = {"compiled": 0}
+    used: set[str] = set()  # the kernels the jobs called: all of them named by kernel_keys (compiled before the jobs)
     real_mxfp4, real_fp8, real_affine = routes.affine_quantize_mxfp4, routes.affine_quantize_fp8, routes.affine_quantize
 
-    def counting(fn):
+    def counting(fn, key_of):
         def wrapped(*a, **k):
             out = fn(*a, **k)
             calls["compiled"] += out is not None and kernels.compiled()
+            used.add(key_of(*a, **k))
             return out
         return wrapped
 
     with monkeypatch.context() as m:
         m.setenv(kernels.KERNELS_ENV, "compiled")
         for mod in (kernels, routes):
-            m.setattr(mod, "affine_quantize_mxfp4", counting(real_mxfp4))
-            m.setattr(mod, "affine_quantize_fp8", counting(real_fp8))
-            m.setattr(mod, "affine_quantize", counting(real_affine))
+            m.setattr(mod, "affine_quantize_mxfp4", counting(real_mxfp4, lambda *a, **k: kernels.MXFP4))
+            m.setattr(mod, "affine_quantize_fp8", counting(real_fp8, lambda *a, scale_kind, **k:
+                                                          kernels.FP8_E8M0 if scale_kind == "e8m0" else kernels.FP8_FLOAT))
+            m.setattr(mod, "affine_quantize", counting(real_affine, lambda w, *a, **k: kernels.dense(w.dtype)))
         convert(src, tmp_path / "compiled", **kw)
     assert calls["compiled"] > 0
+    assert used <= kernel_keys(plan(src, **{k: v for k, v in kw.items() if k != "workers"}))
     with monkeypatch.context() as m:
         m.setenv(kernels.KERNELS_ENV, "reference")
         convert(src, tmp_path / "reference", **kw)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from fmtconv.convert.bench import data as bench_data
 from fmtconv.convert.bench import runner as bench
 from fmtconv.convert.api import plan
@@ -87,7 +89,9 @@ def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
     assert report["v3_bytes_identical"] is True
     assert report["thread_scaling"]["bytes_identical_to_all_core_run"] is True
     assert report["thread_scaling"]["output_on"] in ("tmpfs", "disk")
-    assert all(r["cpu_s"] > 0 for r in report["phases"].values())
+    assert all(r["cpu_s"] > 0 and r["cpu_s"] == pytest.approx(r["cpu_user_s"] + r["cpu_sys_s"], abs=0.02)
+               for r in report["phases"].values())
+    assert isinstance(report["phases"]["fmtconv"]["kernels"], dict)  # what the run compiled or loaded (none: too small)
     for key in ("ratio_fmtconv_over_usual", "ratio_fmtconv_over_copy", "ratio_fmtconv_metal_over_copy",
                 "ratio_v3_fmtconv_over_mlx_lm", "copy_mb_per_s", "fmtconv_peak_rss_mb"):
         assert report[key] > 0, key
@@ -98,8 +102,10 @@ def test_run_bench_reports_every_phase(tmp_path: Path, capsys) -> None:
 
 def test_two_sizes_report_scaling_and_repeats_take_the_median(tmp_path: Path, capsys) -> None:
     small = dict(TINY, layers=2)
-    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, cold=True, shape=small)
+    report = bench.run_bench(tmp_path, [0, 1], True, False, phases=("copy",), repeat=3, cold=True, shape=small,
+                             discard_data=True)
     capsys.readouterr()
+    assert not any(Path(r["checkpoint"]).exists() for r in report["runs"])  # --discard-data
     assert {r["page_cache"] for r in report["runs"]} <= {"cold", "warm"}
     for run in report["runs"]:
         walls = run["phases"]["copy"]["repeats_wall_s"]
@@ -107,6 +113,22 @@ def test_two_sizes_report_scaling_and_repeats_take_the_median(tmp_path: Path, ca
     # shape fixes the layer count, so both sizes are the same checkpoint: ratios near 1, the structure is what counts
     assert len(report["runs"]) == 2 and set(report["scaling"]["phases"]) == {"copy"}
     assert report["scaling"]["size_ratio"] == 1.0
+
+
+def test_first_run_and_scaling_targets() -> None:
+    report: dict = {}
+    compiled = {"mxfp4": {"seconds": 3.0, "compiled": True}, "fp8_e8m0": {"seconds": 0.01, "compiled": False}}
+    bench.first_run(report, [{"wall_s": 12.0, "kernels": compiled}, {"wall_s": 10.0}, {"wall_s": 11.0}])
+    assert report["ratio_first_run_over_later"] == round(12 / 10.5, 3) and report["first_run"]["compiled_kernels"] == ["mxfp4"]
+    assert report["first_run"]["compile_s"] == 3.0
+    assert next(t for t in bench.check_targets(report) if t["key"] == "ratio_first_run_over_later")["met"] is False
+    warm: dict = {}  # nothing compiled: a slower first run is the page cache's doing, not judged
+    bench.first_run(warm, [{"wall_s": 12.0, "kernels": {}}, {"wall_s": 10.0}, {"wall_s": 11.0}])
+    assert "ratio_first_run_over_later" not in warm and warm["first_run"]["ratio_over_later"] == round(12 / 10.5, 3)
+    runs = [{"source_bytes": 4, "phases": {"fmtconv": {"wall_s": 10.0, "peak_rss_mb": 400.0}}},
+            {"source_bytes": 8, "phases": {"fmtconv": {"wall_s": 19.0, "peak_rss_mb": 410.0}}}]
+    (target,) = bench.scaling_report(runs)["targets"]
+    assert target["value"] == 0.95 and target["met"] is True
 
 
 def test_a_failing_phase_is_recorded_and_the_others_run(tmp_path: Path, monkeypatch, capsys) -> None:

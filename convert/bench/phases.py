@@ -36,17 +36,21 @@ def mlx_lm_command(src: Path, out: Path, bits: int) -> list[str]:
 
 def phase_fmtconv(src: Path, out: Path, *, args: list[str]) -> dict[str, Any]:
     """The `fmtconv <args>` command, run as a program in a process of its own, as a user runs it; the wall time of the
-    command, bytes written, and its peak RSS (its own: this small parent's high-water mark, carried into the child
-    over fork and exec, stays below any conversion's)."""
+    command, bytes written, its peak RSS (its own: this small parent's high-water mark, carried into the child over
+    fork and exec, stays below any conversion's) and, where args ask for --json, what the run reports of its kernels
+    (seconds to compile or load each, and whether numba compiled it)."""
     import resource
 
     t0 = time.perf_counter()
-    rc = subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", *args]).returncode
+    proc = subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", *args], stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
-    if rc:
-        raise RuntimeError(f"fmtconv {' '.join(args)} exited with {rc}")
+    if proc.returncode:
+        raise RuntimeError(f"fmtconv {' '.join(args)} exited with {proc.returncode}")
     unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    return {"wall_s": wall, "bytes_out": _weights_bytes(out), "vm_hwm_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}
+    out_ = {"wall_s": wall, "bytes_out": _weights_bytes(out), "vm_hwm_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * unit}
+    if "--json" in args:
+        out_["kernels"] = json.loads(proc.stdout).get("kernels", {})
+    return out_
 
 
 def phase_mlx_lm(src: Path, out: Path, *, bits: int) -> dict[str, Any]:
@@ -210,6 +214,7 @@ def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, cores: int | None 
     # high-water mark over exec), so the child's own VmHWM is the figure; ru_maxrss is the fallback.
     result["peak_rss_bytes"] = result.get("vm_hwm_bytes") or usage.ru_maxrss * 1024
     result["cpu_s"] = usage.ru_utime + usage.ru_stime
+    result["cpu_user_s"], result["cpu_sys_s"] = usage.ru_utime, usage.ru_stime
     if before and after:  # seconds during which some task on the machine waited for a CPU / for I/O (Linux PSI)
         result["stall_s"] = {k: round((after[k] - before[k]) / 1e6, 2) for k in before}
     return result

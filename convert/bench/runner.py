@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import statistics
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -46,7 +47,10 @@ TARGETS = (
     ("fmtconv vs mlx_lm.convert (V3 FP8)", "ratio_v3_fmtconv_over_mlx_lm", ">=", 5.0),
     ("V3 bytes identical to mlx_lm.convert", "v3_bytes_identical", "==", True),
     ("peak RSS of fmtconv, MB", "fmtconv_peak_rss_mb", "<=", 1500.0),
+    ("first fmtconv run (compiling) / median of the later ones", "ratio_first_run_over_later", "<=", 1.1),
 )
+# With two sizes: each fmtconv phase's time ratio over the size ratio, within 10 % of 1.
+SCALING_TOLERANCE = 0.1
 
 
 def _load() -> list[float] | None:
@@ -82,11 +86,15 @@ def _figures(r: dict[str, Any], params: int, bytes_in: int) -> dict[str, Any]:
         "bytes_out": r["bytes_out"],
         "peak_rss_mb": round(r["peak_rss_bytes"] / 1e6, 1),
         # CPU seconds of the child (user + system, interpreter start included): cpu_s / wall_s near the core
-        # count means compute-bound, far below it means waiting (for the disk, or for CPUs others hold)
+        # count means compute-bound, far below it means waiting (for the disk, or for CPUs others hold); the
+        # system seconds are the kernel's work for the phase (page faults, copies into the page cache, syscalls)
         "cpu_s": round(r["cpu_s"], 2),
+        "cpu_user_s": round(r["cpu_user_s"], 2),
+        "cpu_sys_s": round(r["cpu_sys_s"], 2),
     }
-    if "stall_s" in r:
-        out["stall_s"] = r["stall_s"]
+    for key in ("stall_s", "kernels"):
+        if key in r:
+            out[key] = r[key]
     return out
 
 
@@ -108,6 +116,21 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return runs[0]
     pick = sorted(done, key=lambda r: r["wall_s"])[(len(done) - 1) // 2]
     return {**pick, "repeats_wall_s": [r.get("wall_s") for r in runs]} if len(runs) > 1 else pick
+
+
+def first_run(report: dict[str, Any], runs: list[dict[str, Any]]) -> None:
+    """The first fmtconv run against the median of the later ones: after a fresh install, the first run is the one
+    that compiles the kernels (its `kernels` record says which, and in how many seconds).  The target's ratio is set
+    only when that run compiled something: otherwise the difference is the page cache's, not a fresh install's."""
+    if len(runs) < 2 or not all("wall_s" in r for r in runs):
+        return
+    later = statistics.median(r["wall_s"] for r in runs[1:])
+    compiled = {k: v for k, v in runs[0].get("kernels", {}).items() if v.get("compiled")}
+    report["first_run"] = {"wall_s": runs[0]["wall_s"], "later_median_wall_s": round(later, 3), "compiled_kernels": sorted(compiled),
+                           "compile_s": round(sum(v["seconds"] for v in compiled.values()), 3),
+                           "ratio_over_later": round(runs[0]["wall_s"] / later, 3)}
+    if compiled:
+        report["ratio_first_run_over_later"] = report["first_run"]["ratio_over_later"]
 
 
 def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], workers: int | None, keep: bool, quiet: bool,
@@ -151,7 +174,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
         return out
 
     def v4_args(out_name: str, backend: str, encoder: str = "minmax") -> list[str]:
-        args = ["convert", str(src), str(runs / out_name), "--recipe", V4_RECIPE, "--kernel-backend", backend, "--quiet"]
+        args = ["convert", str(src), str(runs / out_name), "--recipe", V4_RECIPE, "--kernel-backend", backend, "--quiet", "--json"]
         args += ["--encoder", encoder] if encoder != "minmax" else []
         return args + (["--workers", str(workers)] if workers else [])
 
@@ -180,6 +203,7 @@ def bench_one_size(root: Path, size_bytes: int, *, phases: tuple[str, ...], work
                 drop(name + tag)
     for name, rs in rounds.items():
         results[name] = _median_run(rs)
+    first_run(report, rounds.get("fmtconv", []))
     if "usual" in phases:
         run("usual", "usual", {"src": str(src), "recipe": V4_RECIPE}, params, bytes_in)
         if _ok(results, "fmtconv", "usual"):
@@ -261,7 +285,7 @@ def _v3(root: Path, size_bytes: int, run, results: dict[str, Any], runs: Path, q
     for i in range(repeat):
         name = "v3_fmtconv" if i == 0 else f"v3_fmtconv#{i}"
         a = ["fp8-to-affine", str(src), str(runs / name), "--bits", str(V3_BITS), "--other-bits", str(V3_BITS),
-             "--kernel-backend", "cpu", "--quiet"]
+             "--kernel-backend", "cpu", "--quiet", "--json"]
         run(name, "fmtconv", {"src": str(src), "args": a}, params, bytes_in, command=fmtconv_command(a))
         tries.append(results.pop(name))
         if i:
@@ -294,21 +318,28 @@ def check_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def scaling_report(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Between the smallest and largest size: size ratio, and per phase the wall-time and peak-RSS ratios."""
+    """Between the smallest and largest size: size ratio, and per phase the wall-time and peak-RSS ratios; for the
+    fmtconv phases, whether the time ratio is within SCALING_TOLERANCE of the size ratio (the speed issue's target)."""
     a, b = runs[0], runs[-1]
-    out: dict[str, Any] = {"size_ratio": round(b["source_bytes"] / a["source_bytes"], 3), "phases": {}}
+    size_ratio = b["source_bytes"] / a["source_bytes"]
+    out: dict[str, Any] = {"size_ratio": round(size_ratio, 3), "phases": {}, "targets": []}
     for name, ra in a["phases"].items():
         rb = b["phases"].get(name)
         if _ok(a["phases"], name) and _ok(b["phases"], name):
-            out["phases"][name] = {"time_ratio": round(rb["wall_s"] / ra["wall_s"], 3),
-                                   "peak_rss_ratio": round(rb["peak_rss_mb"] / ra["peak_rss_mb"], 3)}
+            t = rb["wall_s"] / ra["wall_s"]
+            out["phases"][name] = {"time_ratio": round(t, 3), "peak_rss_ratio": round(rb["peak_rss_mb"] / ra["peak_rss_mb"], 3)}
+            if name in ("fmtconv", "fmtconv_metal"):
+                out["targets"].append({"name": f"{name}: time ratio / size ratio", "key": f"{name}_time_over_size",
+                                       "value": round(t / size_ratio, 3), "target": f"1 +- {SCALING_TOLERANCE}",
+                                       "met": abs(t / size_ratio - 1) <= SCALING_TOLERANCE})
     return out
 
 
 def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool, keep: bool, *, workers: int | None = None,
               phases: tuple[str, ...] = PHASES, repeat: int = 1, cold: bool = False, shape: dict[str, Any] | None = None,
-              v3_shape: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it."""
+              v3_shape: dict[str, Any] | None = None, discard_data: bool = False) -> dict[str, Any]:
+    """Run the bench at one size (the report) or several (`runs`, `scaling`); print a table or JSON; return it.
+    discard_data: remove each size's synthetic checkpoints once its phases are done (disk room for the next size)."""
     import json
 
     unknown = set(phases) - set(PHASES_ALL)
@@ -318,8 +349,14 @@ def run_bench(out_dir: Path | None, size_bytes: int | list[int], json_out: bool,
         raise FmtconvError(f"--phases: unknown or no bench phase(s) {sorted(unknown)}; choose from {', '.join(PHASES_ALL)}")
     root = Path(out_dir) if out_dir is not None else DEFAULT_DIR
     sizes = size_bytes if isinstance(size_bytes, list) else [size_bytes]
-    reports = [bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
-                              cold=cold, shape=shape, v3_shape=v3_shape) for s in sizes]
+    reports = []
+    for s in sizes:
+        reports.append(bench_one_size(root, s, phases=phases, workers=workers, keep=keep, quiet=json_out, repeat=max(1, repeat),
+                                      cold=cold, shape=shape, v3_shape=v3_shape))
+        if discard_data:
+            for key in ("checkpoint", "v3"):
+                where = reports[-1].get(key)
+                shutil.rmtree(where["checkpoint"] if isinstance(where, dict) else where, ignore_errors=True)
     if len(reports) == 1:
         result = reports[0]
     else:
@@ -343,13 +380,13 @@ def print_table(report: dict[str, Any]) -> None:
     if "v3" in report:
         v3 = report["v3"]
         print(f"v3          {v3['checkpoint']}: {v3['source_bytes'] / 1e9:.2f} GB, {v3['params'] / 1e9:.2f} G params")
-    print(f"{'phase':16s} {'wall s':>9s} {'Mparam/s':>9s} {'MB/s in+out':>12s} {'peak RSS MB':>12s} {'CPU s':>8s}")
+    print(f"{'phase':16s} {'wall s':>9s} {'Mparam/s':>9s} {'MB/s in+out':>12s} {'peak RSS MB':>12s} {'user s':>7s} {'sys s':>7s}")
     for name, r in report["phases"].items():
         if "error" in r:
             print(f"{name:16s} failed: {r['error']}")
             continue
         print(f"{name:16s} {r['wall_s']:9.2f} {r['params_per_s'] / 1e6:9.1f} {r['mb_per_s']:12.1f} {r['peak_rss_mb']:12.1f} "
-              f"{r['cpu_s']:8.1f}")
+              f"{r['cpu_user_s']:7.1f} {r['cpu_sys_s']:7.1f}")
     if "thread_scaling" in report:
         ts = report["thread_scaling"]
         print("threads     " + ", ".join(f"{k} cores {v} Mparam/s" for k, v in ts["mparam_per_s"].items())
@@ -369,3 +406,5 @@ def print_scaling(s: dict[str, Any]) -> None:
     print(f"scaling: size x{s['size_ratio']}")
     for name, r in s["phases"].items():
         print(f"  {name:16s} time x{r['time_ratio']}, peak RSS x{r['peak_rss_ratio']}")
+    for t in s.get("targets", []):
+        print(f"  {t['name']:40s} {t['value']!s:>8s}  target {t['target']:8s} {'met' if t['met'] else 'NOT met'}")

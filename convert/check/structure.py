@@ -151,7 +151,7 @@ def check_finite(b: Bundle) -> list[str]:
         flat = b.array(name).reshape(-1)
         bad = 0
         for i in range(0, flat.size, ROW_BLOCK_ELEMENTS):
-            chunk = np.asarray(decode(flat[i : i + ROW_BLOCK_ELEMENTS]), dtype=np.float32)
+            chunk = np.asarray(decode(flat[i : i + ROW_BLOCK_ELEMENTS]))  # isfinite in the stored dtype: no float32 copy
             bad += int(chunk.size - np.count_nonzero(np.isfinite(chunk)))
         b.release(name)
         if bad:
