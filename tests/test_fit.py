@@ -124,3 +124,11 @@ def test_group_size_applies_to_every_preset(preset):
     p = plan(FIXTURES / "deepseek-v4-flash-tiny", preset, group_size=128)
     affine = [t for t in p.tensors if t.quantized and t.mode == "affine" and t.route != "exact-affine"]
     assert all(t.group_size == 128 for t in affine)
+
+
+def test_the_fit_bench_judges_on_tokens_held_out_from_the_sensitivity_pass():
+    from fmtconv.convert.bench.fit import calibration_and_held_out
+
+    calibration, held_out = calibration_and_held_out(FIXTURES / "qwen3-moe-fp8-tiny", 128, 64)
+    assert calibration.count == held_out.count == 128 and calibration.sequences != held_out.sequences
+    assert "held out" in held_out.source
