@@ -132,3 +132,28 @@ def test_the_fit_bench_judges_on_tokens_held_out_from_the_sensitivity_pass():
     calibration, held_out = calibration_and_held_out(FIXTURES / "qwen3-moe-fp8-tiny", 128, 64)
     assert calibration.count == held_out.count == 128 and calibration.sequences != held_out.sequences
     assert "held out" in held_out.source
+
+
+def test_forks_in_several_passes_measure_what_one_pass_does():
+    """The forked copies run in passes of bounded logits memory; cut into one fork a pass, the table is the same."""
+    from fmtconv.convert.fit import sensitivity as sens
+    from fmtconv.convert.fit.candidates import KEEP, REFERENCE, units_of
+    from fmtconv.convert.plan import build_plan
+
+    fixture = FIXTURES / "qwen3-moe-fp8-tiny"
+    tokens = eval_tokens(fixture, [fixture], n_tokens=64, seq_len=32)
+    settings = {"compute_dtype": None, "kernel_backend": "cpu", "rounding": "mlx-lm"}
+    keep_plan = build_plan(fixture, recipe_from_dict({"name": "keep", "rules": [{"mode": "keep"}]}), **settings)
+    units, _ = units_of(keep_plan)
+    cands = {u.key: [c for c in u.candidates() if c in (REFERENCE, KEEP) or (c.bits == 2 and c.group_size == 64)]
+             for u in units}
+    one = sens.measure(fixture, keep_plan, units, cands, tokens, settings)
+    assert len(sens.fork_passes(list(range(8)) + ["embedding"], 10, budget=25)) == 9
+    many = sens.measure(fixture, keep_plan, units, cands, tokens, settings, fork_bytes=1)
+    assert many.gains.keys() == one.gains.keys() and len(one.gains) > 2
+    for f, g in one.gains.items():
+        assert many.gains[f] == pytest.approx(g, rel=1e-4)
+    for u, cs in one.costs.items():
+        for c, v in cs.items():
+            assert many.costs[u][c] == pytest.approx(v, rel=1e-4, abs=1e-12)
+    assert many.kl_reference == pytest.approx(one.kl_reference, rel=1e-5)

@@ -77,13 +77,11 @@ def fit_recipe(source: str | Path, budget: int, *, tokens: TokenBatch, constrain
     dtype = keep_plan.compute_dtype
     n_layers = num_layers_of(keep_plan.config)
     all_units, _ = units_of(keep_plan)
-    pinned: set[str] = set()
     units: list[Unit] = []
     for u in all_units:
         free = [t for t in u.tensors if constraints is None or constraints.target_for(
             t.runtime_module, t.source_codec, quantizable=True, num_layers=n_layers,
             multimodal=keep_plan.layout.is_multimodal(t.target.name)) is None]
-        pinned |= {t.target.name for t in u.tensors if t not in free}
         if free:
             units.append(Unit(u.layer, u.cls, free))
     base = build_plan(source, _with_keep(constraints), family=family, runtime=runtime, **settings)
@@ -100,13 +98,13 @@ def fit_recipe(source: str | Path, budget: int, *, tokens: TokenBatch, constrain
         raise FmtconvError(f"the budget of {budget} bytes ({human_bytes(budget)}) is below the smallest bundle fmtconv can "
                            f"plan for this source: {least} bytes ({human_bytes(least)})", file=source)
     key_units = {u.key: [t.target.name for t in u.tensors] for u in units}
-    key = sens.cache_key(keep_plan, tokens, {k: cands[k] for k in cands}, {**settings, "units": key_units})
+    key = sens.cache_key(keep_plan, tokens, cands, {**settings, "units": key_units})
     dirs = sens.cache_dirs(source, Path(cache_dir) if cache_dir else None)
     table = sens.load_cached(dirs, key)
     measured = table is None
     where = None
     if table is None:
-        table = sens.measure(source, keep_plan, units, cands, tokens, {k: v for k, v in settings.items()}, progress)
+        table = sens.measure(source, keep_plan, units, cands, tokens, settings, progress)
         saved = sens.save_cached(dirs, key, table)
         where = str(saved) if saved else None
     else:

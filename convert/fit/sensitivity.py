@@ -10,7 +10,10 @@ copy of the batch per decoder layer (and one for the embedding): from its layer 
 layer's units at a reference candidate, and its final KL against the teacher, over its D, is the layer's gain.  A unit
 then costs gain x D in nats (KL is quadratic in small logit changes, so it grows with D); the head is measured in KL
 directly.  The forks are extra rows of the same batch, so one layer's weights are resident at a time, as in
-`fmtconv eval`; a final pass with every unit at the reference compares the additive prediction with the measured KL.
+`fmtconv eval`; the copies' activations and logits grow with the number of forks, so the forks run in passes of at
+most FORK_BYTES of logits (a deep model with a large vocabulary decodes its layers once more per pass, its memory
+does not grow with its depth).  A final pass with every unit at the reference compares the additive prediction with
+the measured KL.
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ import numpy as np
 from fmtconv import __version__
 from fmtconv.convert.bundle.files import output_config
 from fmtconv.convert.check.eval import models, stream
-from fmtconv.convert.check.eval.metrics import log_softmax64
-from fmtconv.convert.check.eval.run import sequence_logits, side_modules, swapped
+from fmtconv.convert.check.eval.metrics import masked_sq_sum, mean_kl
+from fmtconv.convert.check.eval.run import _numpy, sequence_logits, side_modules, swapped
 from fmtconv.convert.check.eval.tokens import TokenBatch
 from fmtconv.convert.encode import TensorEncoder
 from fmtconv.convert.fit.candidates import KEEP, REFERENCE, SAFE, Candidate, Unit
@@ -195,27 +198,6 @@ def applied(root: Any, rel_paths: list[str], parts: list[dict[str, np.ndarray]],
 # ---------------------------------------------------------------------------------------------
 
 
-def _energy(arrays: list[np.ndarray], mask: np.ndarray) -> float:
-    """Sum of squares over the real positions of [batch, positions, ...] arrays, in float64."""
-    total = 0.0
-    for a in arrays:
-        a64 = a.astype(np.float64) ** 2
-        if a64.ndim >= 2 and a64.shape[:2] == mask.shape:
-            a64 *= mask.reshape(mask.shape + (1,) * (a64.ndim - 2))
-        total += float(a64.sum())
-    return total
-
-
-def _kl_mean(teacher: np.ndarray, student: np.ndarray, mask: np.ndarray) -> float:
-    """Mean KL(teacher || student) over the real positions of [batch, positions, vocab] logits."""
-    kl = []
-    for b in range(teacher.shape[0]):
-        n = int(mask[b].sum())
-        lt, ls = log_softmax64(teacher[b, :n]), log_softmax64(student[b, :n])
-        kl.append((np.exp(lt) * (lt - ls)).sum(axis=-1))
-    return float(np.concatenate(kl).mean())
-
-
 class _Copies:
     """A batch replicated `n` times: copy 0 is the teacher, copy k the fork k.  Slices a layer call's batch-major
     arguments (dimension 0 = n x rows, positions next) to chosen copies, and joins outputs back."""
@@ -257,8 +239,18 @@ def _join(template: Any, arrays: list[Any]) -> Any:
     return type(template)(next(it) if isinstance(x, mx.array) else x for x in template)
 
 
+FORK_BYTES = 1 << 30  # the float32 logits of one pass's copies, at most about this: more forks run in more passes
+
+
+def fork_passes(forks: list[int | str], copy_bytes: int, budget: int = FORK_BYTES) -> list[list[int | str]]:
+    """The forks cut into passes whose copies (each pass also carries the teacher's) hold at most `budget` bytes of
+    logits, at least one fork a pass: the pass's memory does not grow with the model's depth."""
+    k = max(1, budget // max(copy_bytes, 1) - 1)
+    return [forks[a : a + k] for a in range(0, len(forks), k)] or [[]]
+
+
 def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[str, list[Candidate]], tokens: TokenBatch,
-            settings: dict[str, Any], progress: Progress | None = None) -> Sensitivity:
+            settings: dict[str, Any], progress: Progress | None = None, fork_bytes: int = FORK_BYTES) -> Sensitivity:
     """The sensitivity table of `units` (from `keep_plan`, the keep-everything plan of the bundle's layout and runtime)."""
     import mlx.core as mx
 
@@ -268,25 +260,23 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
     teacher = models.TeacherModel(Path(source), config, runtime, Path(source))
     enc = CandidateEncoder(Path(source), keep_plan, settings)
     ids, mask = tokens.padded(), tokens.mask()
+    rows = len(tokens.sequences)
     path = teacher.path
     by_layer: dict[int | None, list[Unit]] = {}
     rel: dict[str, list[str]] = {}  # unit -> module paths relative to its layer (outside the layers: to the model)
     for u in units:
         by_layer.setdefault(u.layer, []).append(u)
-        mods = [layout.runtime_name(t.target.name).rsplit(".", 1)[0] for t in u.tensors]
-        rel[u.key] = [m[len(path.layer_prefix(u.layer)):] if u.layer is not None else m for m in mods]
+        rel[u.key] = [m[len(path.layer_prefix(u.layer)):] if u.layer is not None else m for m in u.modules]
     reference = {u.key: (REFERENCE if REFERENCE in candidates[u.key] else _nearest(candidates[u.key])) for u in units}
     head = {u.key for u in units if u.layer is None and u.cls == "head"}
     embedding = [u for u in units if u.layer is None and u.cls != "head"]
-    # Forks: one per decoder layer with units, and the embedding's; copy k + 1 carries fork k.
+    # Forks: one per decoder layer with units, and the embedding's, in passes of a bounded number of copies.
     forks: list[int | str] = sorted(i for i in by_layer if i is not None) + (["embedding"] if embedding else [])
-    n_copies = 1 + len(forks)
-    if n_copies * len(tokens.sequences) == ids.shape[1]:  # keep a batch size apart from the length: a [L, L] mask is no batch
-        n_copies += 1
-    copies = _Copies(n_copies, len(tokens.sequences), ids.shape[1])
-    fork_of = {f: k + 1 for k, f in enumerate(forks)}
+    vocab = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 1
+    passes = fork_passes(forks, rows * ids.shape[1] * int(vocab) * 4, fork_bytes)
     local: dict[str, dict[Candidate, float]] = {u.key: {} for u in units}  # D, or KL for the head
     fork_d: dict[int | str, float] = {}
+    gains: dict[str, float] = {}
 
     def references(root: Any, group: list[Unit]) -> ExitStack:
         stack = ExitStack()
@@ -294,49 +284,55 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
             stack.enter_context(applied(root, rel[u.key], [enc.arrays(t, reference[u.key]) for t in u.tensors], reference[u.key]))
         return stack
 
-    try:
-        teacher.load_outer()
+    def one_pass(group: list[int | str], first: bool, label: str) -> np.ndarray:
+        """Logits of the teacher (copy 0) and of the group's forks (copy k + 1: fork k); the first pass also measures
+        every unit at every candidate."""
+        n_copies = 1 + len(group)
+        if n_copies * rows == ids.shape[1]:  # keep a batch size apart from the length: a [L, L] mask is no batch
+            n_copies += 1
+        copies = _Copies(n_copies, rows, ids.shape[1])
+        fork_of = {f: k + 1 for k, f in enumerate(group)}
         n_layers = len(path.layers)
 
         def layer_hook(i: int, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
             layer = path.layers[i]
             saved = teacher.load_layer(i)
-            started = [fork_of[f] for f in forks if isinstance(f, int) and f < i] + (
+            started = [fork_of[f] for f in group if isinstance(f, int) and f < i] + (
                 [fork_of["embedding"]] if "embedding" in fork_of else [])
             a0, k0 = copies.take((args, kwargs), [0])
             spare = stream.detached((a0, k0))
             out0 = call(*a0, **k0)
             want_mx = stream.outputs(out0)
-            want = _np(want_mx)
+            want = _numpy(want_mx)
             per_copy: dict[int, list[Any]] = {0: want_mx}
             if started:  # forks already off the teacher's path run on their own inputs
                 a, k = copies.take((args, kwargs), started)
                 for c, outs in zip(started, copies.split(stream.outputs(call(*a, **k)), len(started))):
                     per_copy[c] = outs
-            for u in by_layer.get(i, []):
+            for u in by_layer.get(i, []) if first else []:
                 for c in candidates[u.key]:
                     with applied(layer, rel[u.key], [enc.arrays(t, c) for t in u.tensors], c):
                         a, k = stream.detached(spare)
-                        got = _np(stream.outputs(call(*a, **k)))
-                    local[u.key][c] = sum(_energy([g - w], mask) for g, w in zip(got, want))
+                        got = _numpy(stream.outputs(call(*a, **k)))
+                    local[u.key][c] = sum(masked_sq_sum(g - w, mask) for g, w in zip(got, want))
             if i in fork_of:  # this layer's fork leaves the teacher's path here
                 with references(layer, by_layer[i]):
                     a, k = stream.detached(spare)
                     fork_out = stream.outputs(call(*a, **k))
                     mx.eval(fork_out)
-                fork_d[i] = sum(_energy([g - w], mask) for g, w in zip(_np(fork_out), want))
+                fork_d[i] = sum(masked_sq_sum(g - w, mask) for g, w in zip(_numpy(fork_out), want))
                 per_copy[fork_of[i]] = fork_out
             outs = [mx.concatenate([per_copy.get(c, want_mx)[j] for c in range(copies.n)]) for j in range(len(want_mx))]
             mx.eval(outs)
             teacher.release_layer(i, saved)
             if progress:
-                progress("sensitivity", i + 1, n_layers)
+                progress(label, i + 1, n_layers)
             return _join(out0, outs)
 
         def side_hook(u: Unit | None, module_path: str, kind: str):
             def hook(call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
                 out = call(*args, **kwargs)
-                if u is None:
+                if u is None or not (first or "embedding" in fork_of and kind == "embedding"):
                     return out
                 a0 = copies.take(args, [0])
                 want_mx = out[: copies.rows] if copies.n > 1 else out
@@ -351,12 +347,12 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
                         mx.eval(got)
                         return got
 
-                for c in candidates[u.key]:
+                for c in candidates[u.key] if first else []:
                     got = np.array(run_at(c).astype(mx.float32))
-                    local[u.key][c] = _kl_mean(want, got, mask) if kind == "head" else _energy([got - want], mask)
+                    local[u.key][c] = mean_kl(want, got, mask) if kind == "head" else masked_sq_sum(got - want, mask)
                 if kind == "embedding" and "embedding" in fork_of:
                     ref = run_at(reference[u.key])
-                    fork_d["embedding"] = _energy([np.array(ref.astype(mx.float32)) - want], mask)
+                    fork_d["embedding"] = masked_sq_sum(np.array(ref.astype(mx.float32)) - want, mask)
                     parts = [ref if c == fork_of["embedding"] else want_mx for c in range(copies.n)]
                     return mx.concatenate(parts)
                 return out
@@ -368,16 +364,23 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
             u = side_units.get(p)
             undo.append(stream.install_module_hook(m, side_hook(u, p, "head" if u is not None and u.key in head else "embedding")))
         try:
-            logits = sequence_logits(runtime, teacher.model, np.concatenate([ids] * copies.n))
+            return sequence_logits(runtime, teacher.model, np.concatenate([ids] * copies.n))
         finally:
             for f in undo:
                 f()
-        rows = copies.rows
-        t_logits = logits[:rows]
-        gains = {}
-        for f, c in fork_of.items():
-            kl = _kl_mean(t_logits, logits[c * rows : (c + 1) * rows], mask)
-            gains[str(f)] = kl / fork_d[f] if fork_d.get(f, 0.0) > 0 else 0.0
+
+    try:
+        teacher.load_outer()
+        t_logits = None
+        for n, group in enumerate(passes):
+            label = "sensitivity" if len(passes) == 1 else f"sensitivity {n + 1}/{len(passes)}"
+            logits = one_pass(group, n == 0, label)
+            if t_logits is None:
+                t_logits = logits[:rows].copy()
+            for k, f in enumerate(group):
+                kl = mean_kl(t_logits, logits[(k + 1) * rows : (k + 2) * rows], mask)
+                gains[str(f)] = kl / fork_d[f] if fork_d.get(f, 0.0) > 0 else 0.0
+            del logits
         costs = {}
         unmeasured = []
         for u in units:
@@ -432,16 +435,10 @@ def _reference_kl(teacher: models.TeacherModel, enc: CandidateEncoder, units: li
             logits = sequence_logits(runtime, teacher.model, ids)
     finally:
         undo()
-    return _kl_mean(t_logits, logits, mask)
+    return mean_kl(t_logits, logits, mask)
 
 
 def _nearest(cands: list[Candidate]) -> Candidate:
     """The candidate closest to the reference: affine 4-bit at the nearest group that fits, else kept."""
     affine = [c for c in cands if c.mode == "affine" and c.bits == REFERENCE.bits and c.encoder == REFERENCE.encoder]
     return min(affine, key=lambda c: abs(c.group_size - REFERENCE.group_size)) if affine else KEEP
-
-
-def _np(arrays: list[Any]) -> list[np.ndarray]:
-    import mlx.core as mx
-
-    return [np.array(a.astype(mx.float32)) for a in arrays]

@@ -21,6 +21,10 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
     return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
 
 
+def _kl(log_t: np.ndarray, log_s: np.ndarray) -> np.ndarray:
+    return (np.exp(log_t) * (log_t - log_s)).sum(axis=-1)
+
+
 @dataclass
 class TokenStats:
     """Per-position KL and agreement, accumulated over sequences; next-token log-likelihoods for perplexity."""
@@ -37,7 +41,7 @@ class TokenStats:
         n = len(ids)
         for a in range(0, n, _ROWS):
             lt, ls = log_softmax64(teacher[a : a + _ROWS]), log_softmax64(student[a : a + _ROWS])
-            self.kl += (np.exp(lt) * (lt - ls)).sum(axis=-1).tolist()
+            self.kl += _kl(lt, ls).tolist()
             best = lt.argmax(axis=-1)
             self.top1 += int((ls.argmax(axis=-1) == best).sum())
             k = min(TOP_K, ls.shape[-1])
@@ -67,19 +71,33 @@ class TokenStats:
         }
 
 
+def kl_rows(teacher: np.ndarray, student: np.ndarray) -> np.ndarray:
+    """KL(teacher || student) of each position of [positions, vocab] logits, in float64 chunks of positions."""
+    out = [np.zeros(0)]
+    for a in range(0, teacher.shape[0], _ROWS):
+        out.append(_kl(log_softmax64(teacher[a : a + _ROWS]), log_softmax64(student[a : a + _ROWS])))
+    return np.concatenate(out)
+
+
+def mean_kl(teacher: np.ndarray, student: np.ndarray, mask: np.ndarray) -> float:
+    """Mean KL(teacher || student) over the real positions (`mask` [batch, positions]) of [batch, positions, vocab] logits."""
+    return float(np.concatenate([kl_rows(teacher[b, :n], student[b, :n]) for b, n in enumerate(mask.sum(axis=1))]).mean())
+
+
+def masked_sq_sum(a: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """Sum of squares (float64) of a [batch, positions, ...] array over the positions `mask` marks real."""
+    a2 = a.astype(np.float64) ** 2
+    if mask is not None and a2.ndim >= 2 and a2.shape[:2] == mask.shape:
+        a2 *= mask.reshape(mask.shape + (1,) * (a2.ndim - 2))
+    return float(a2.sum())
+
+
 def relative_error(got: list[np.ndarray], want: list[np.ndarray], mask: np.ndarray | None = None) -> float:
     """||got - want|| / ||want|| over all the output arrays (float64 sums), counting only unmasked positions.
 
     Arrays are [batch, positions, ...]; `mask` [batch, positions] marks the real (unpadded) positions."""
-    num = den = 0.0
-    for g, w in zip(got, want):
-        g64, w64 = g.astype(np.float64), w.astype(np.float64)
-        d2, w2 = (g64 - w64) ** 2, w64**2
-        if mask is not None and w64.ndim >= 2 and w64.shape[:2] == mask.shape:
-            keep = mask.reshape(mask.shape + (1,) * (w64.ndim - 2))
-            d2, w2 = d2 * keep, w2 * keep
-        num += float(d2.sum())
-        den += float(w2.sum())
+    num = sum(masked_sq_sum(g.astype(np.float64) - w.astype(np.float64), mask) for g, w in zip(got, want))
+    den = sum(masked_sq_sum(w, mask) for w in want)
     if den == 0.0:
         return 0.0 if num == 0.0 else math.inf
     return math.sqrt(num / den)
