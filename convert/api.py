@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sys
 from collections.abc import Callable
@@ -20,7 +21,7 @@ def resolve_recipe(recipe: str | Path | Recipe) -> Recipe:
 
 def plan(
     src: str | Path,
-    recipe: str | Path | Recipe | None = "q4q8",
+    recipe: str | Path | Recipe | None = None,
     *,
     compute_dtype: str | None = None,
     kernel_backend: str = "metal",
@@ -37,7 +38,8 @@ def plan(
     fit_cache: str | Path | None = None,
     fit_progress: Callable[[str, int, int], None] | None = None,
 ) -> Plan:
-    """The conversion plan, nothing written (`runtime`: mlx-lm / mlx-vlm / vmlx; default, the one that owns the model_type;
+    """The conversion plan, nothing written (`recipe`: a preset name, a TOML file or a Recipe; None: q4q8, or with a
+    budget no constraints; `runtime`: mlx-lm / mlx-vlm / vmlx; default, the one that owns the model_type;
     `encoder`: the affine encoder of rules that name none, "minmax" | "mse"; `mtp`: also the drafter bundle of the
     release's MTP layer, as `Plan.drafter`, counted in `Plan.bytes_with_drafter`; `group_size`: every affine rule's group).
 
@@ -57,19 +59,21 @@ def plan(
     constraints = with_group_size(resolve_recipe(recipe), group_size) if recipe is not None else None
     settings = {"compute_dtype": compute_dtype, "kernel_backend": kernel_backend, "rounding": rounding, "family": family,
                 "runtime": runtime}
-    base = build_plan(src, _tail(constraints), max_shard_bytes=max_shard_bytes, mtp=mtp, **settings)
-    extra = base.drafter.total_bytes if base.drafter is not None else 0
-    if target_bpw is not None:
-        if not target_bpw > 0:
-            raise FmtconvError(f"--target-bpw must be positive, got {target_bpw}")
-        budget = budget_for_bpw(base.total_params + (base.drafter.total_params if base.drafter else 0), target_bpw)
-    else:
-        budget = int(fit)
+    if target_bpw is not None and not target_bpw > 0:
+        raise FmtconvError(f"--target-bpw must be positive, got {target_bpw}")
+    extra, budget = 0, fit
+    if mtp or target_bpw is not None:  # the drafter's bytes, or every parameter, come from a plan of the constraints
+        base = build_plan(src, _tail(constraints), max_shard_bytes=max_shard_bytes, mtp=mtp, **settings)
+        extra = base.drafter.total_bytes if base.drafter is not None else 0
+        if target_bpw is not None:
+            budget = budget_for_bpw(base.total_params + (base.drafter.total_params if base.drafter else 0), target_bpw)
+    budget = int(budget)
     tokens = fit_tokens if fit_tokens is not None else eval_tokens(src, [src])
     result = fit_recipe(src, budget, tokens=tokens, constraints=constraints, cache_dir=fit_cache, extra_bytes=extra,
                         progress=fit_progress, **settings)
     tail = [r.model_dump(mode="json", exclude_none=True) for r in result.recipe.rules] + (DRAFTER_TAIL if mtp else [])
     fitted = Recipe.model_validate({**result.recipe.model_dump(mode="json"), "rules": tail})
+    result = dataclasses.replace(result, recipe=fitted)  # fit-recipe.toml reproduces the drafter's targets too
     p = build_plan(src, fitted, max_shard_bytes=max_shard_bytes, encoder=encoder, mtp=mtp, **settings)
     if p.bytes_with_drafter > budget:  # the allocation counts exactly what the plan writes: this would be a bug
         raise FmtconvError(f"internal error: the fitted plan takes {p.bytes_with_drafter} bytes, over the budget of {budget}")
@@ -106,7 +110,7 @@ def convert(
     src: str | Path,
     out: str | Path,
     *,
-    recipe: str | Path | Recipe = "q4q8",
+    recipe: str | Path | Recipe | None = None,
     compute_dtype: str | None = None,
     kernel_backend: str = "metal",
     rounding: str = "mlx-lm",

@@ -67,8 +67,8 @@ def iter_jobs(pt: PlannedTensor, block: int | None = None) -> Iterator[Job]:
 
 
 def kernel_key(plan: Plan, pt: PlannedTensor) -> str | None:
-    """The compiled kernel (an fmtconv.kernels key) the tensor's jobs call, as TensorEncoder._encode picks routes; None
-    for the routes that run kernels_ref (NumPy) only.  A job that falls back to another route (bad values, an
+    """The compiled kernel (an fmtconv.kernels key) the tensor's jobs call: TensorEncoder._encode takes the table routes
+    (MXFP4, FP8 codes) by it, and warm-up compiles by it; None for the routes that run kernels_ref (NumPy) only.  A job that falls back to another route (bad values, an
     unusual layout) compiles that kernel when it first runs."""
     from fmtconv import kernels
 
@@ -202,12 +202,9 @@ class TensorEncoder:
         if pt.route == REQUANT and pt.mode == "affine" and pt.encoder == "mse":
             return self._affine_mse(pt, parts, job)
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
-        if pt.route == REQUANT and pt.mode == "affine" and pt.target.transform is None:
-            fast = None
-            if g.codec == "mxfp4":
-                fast = self._affine_from_mxfp4(pt, parts, job, dtype)
-            elif g.codec == "fp8_block" and pt.target.rows is None:
-                fast = self._affine_from_fp8(pt, parts, job, dtype)
+        key = kernel_key(self.plan, pt)  # the one place that says which table route a tensor takes
+        if key in (kernels.FP8_E8M0, kernels.FP8_FLOAT, kernels.MXFP4):
+            fast = (self._affine_from_mxfp4 if key == kernels.MXFP4 else self._affine_from_fp8)(pt, parts, job, dtype)
             if fast is not None:
                 return fast
         v = self._values(pt, parts, job.src, rows, dtype).reshape(-1, last)
@@ -245,8 +242,6 @@ class TensorEncoder:
         from fmtconv.kernels import affine_quantize_fp8
 
         g = pt.target.sources[job.src]
-        if g.params.get("scale_kind") != "e8m0" and self.plan.rounding != "mlx-lm":
-            return None  # float scales rounded once, exactly: the NumPy decode (float64) route
         f = self._codec(g.codec).factored_rows(parts, g, rows=(job.start, job.stop))
         if f is None:
             return None

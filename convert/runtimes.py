@@ -59,13 +59,13 @@ class Runtime:
         model_type = self.model_type(config)
         if self.package == "mlx_vlm" and self.installed():
             for pkg in _VLM_MODEL_PACKAGES:
-                if importlib.util.find_spec(f"mlx_vlm.{pkg}.{model_type}") is not None:
+                if _found(f"mlx_vlm.{pkg}.{model_type}"):  # an mlx-vlm without that package: not a traceback
                     return f"mlx_vlm.{pkg}.{model_type}"
         return f"{self.package}.models.{model_type}"
 
     def has_model(self, config: dict[str, Any]) -> bool:
         """Whether this runtime is installed and has a model module for the config's model_type."""
-        return self.installed() and importlib.util.find_spec(self.model_module(config)) is not None
+        return self.installed() and _found(self.model_module(config))
 
     def has_model_class(self, model_type: str) -> bool:
         """Whether the runtime's module for `model_type` defines the `Model` class its loader builds (a module can

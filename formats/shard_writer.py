@@ -39,7 +39,9 @@ CHUNK_BYTES = 8 << 20
 # (Linux open(2), "O_DIRECT"); 4096 covers 512-byte and 4Kn devices.  Chunk buffers are page-aligned mmaps.
 ALIGN = 4096
 QUEUE_CHUNKS = 8  # completed chunks waiting for the writer thread; a worker completing one more waits for the disk
-STAGED_CHUNKS = 32  # chunks held in memory at once; pieces of chunks opened past this go straight to the page cache
+# Chunks being filled at once; pieces of chunks opened past this go straight to the page cache.  With the queued and
+# the one batch being written, a shard holds at most STAGED + QUEUE + BATCH + one per worker buffers (~370 MiB).
+STAGED_CHUNKS = 32
 BATCH_CHUNKS = 4  # consecutive chunks written by one pwritev (32 MiB)
 DIGEST_PREFIX = "xxh3_128x8MiB:"
 _DIRECT = getattr(os, "O_DIRECT", 0) if sys.platform.startswith("linux") else 0

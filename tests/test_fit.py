@@ -157,3 +157,17 @@ def test_forks_in_several_passes_measure_what_one_pass_does():
         for c, v in cs.items():
             assert many.costs[u][c] == pytest.approx(v, rel=1e-4, abs=1e-12)
     assert many.kl_reference == pytest.approx(one.kl_reference, rel=1e-5)
+
+
+def test_the_drafter_counts_in_the_budget_and_the_written_recipe_reproduces_both(cache, tmp_path):
+    fixture = FIXTURES / "deepseek-v4-flash-tiny"
+    tokens = eval_tokens(fixture, [fixture], n_tokens=64, seq_len=64)
+    preset = plan(fixture, "mixed_3_6", mtp=True, kernel_backend="cpu")
+    budget = preset.bytes_with_drafter
+    p = plan(fixture, fit=budget, mtp=True, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
+    assert p.drafter is not None and p.drafter.total_bytes > 0
+    assert p.total_bytes < p.bytes_with_drafter <= budget and p.fit["planned_bytes"] == p.bytes_with_drafter
+    (tmp_path / "fit.toml").write_text(p.fit["recipe_toml"])
+    again = plan(fixture, load_recipe(tmp_path / "fit.toml"), mtp=True, kernel_backend="cpu")
+    targets = lambda q: [(t.target.name, t.mode, t.bits, t.group_size) for t in q.tensors]  # noqa: E731
+    assert targets(again) == targets(p) and targets(again.drafter) == targets(p.drafter)

@@ -276,3 +276,12 @@ def test_error_stats_streaming_equals_whole():
 def test_module_pattern():
     assert module_pattern("model.layers.12.mlp.experts.3.w1") == "model.layers.{i}.mlp.experts.{i}.w1"
     assert module_pattern("lm_head") == "lm_head"
+
+
+def test_config_values_of_the_wrong_type_are_problems_not_tracebacks(bad):
+    config_path = bad / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model_type"], config["fmtconv"] = ["glm4_moe_lite"], {"layout": [1], "runtime": {"x": 1}}
+    config_path.write_text(json.dumps(config))
+    r = verify_bundle(bad)
+    json.dumps(r.to_json())

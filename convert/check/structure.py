@@ -84,7 +84,7 @@ def check_modules(b: Bundle) -> list[str]:
     for p in sorted(candidates):
         params = overrides.get(to_runtime(p), default)
         if params is False or params is None:
-            why = "its quantization override is false" if p in overrides else "the config gives no default"
+            why = "its quantization override is false" if to_runtime(p) in overrides else "the config gives no default"
             problems.append(f"{p}: stored quantized (has {'.scales' if p + '.scales' in t else 'uint32 .weight'}) but {why}")
             continue
         problems += _check_module(b, p, params)

@@ -86,7 +86,7 @@ def drafter_layout_for(main: ModelLayout) -> ModelLayout:
 
 def drafter_layout_named(model_type: Any) -> ModelLayout | None:
     """fmtconv's layout for a drafter model_type (e.g. deepseek_v4_mtp), None for any other model_type."""
-    if model_type not in _DRAFTER_LAYOUTS:
+    if not isinstance(model_type, str) or model_type not in _DRAFTER_LAYOUTS:
         return None
     mod = importlib.import_module(f"fmtconv.convert.layouts.{_DRAFTER_LAYOUTS[model_type]}")
     return next(obj() for obj in vars(mod).values()
@@ -123,8 +123,9 @@ def bundle_layout(config: dict[str, Any]) -> ModelLayout:
     if drafter is not None:
         return drafter
     prov = config.get("fmtconv") if isinstance(config.get("fmtconv"), dict) else {}
+    family, runtime = (v if isinstance(v, str) else None for v in (prov.get("layout"), prov.get("runtime")))
     try:
-        return layout_for(config, prov.get("layout"), prov.get("runtime"))
+        return layout_for(config, family, runtime)
     except FmtconvError:
         return GenericLayout()
 
