@@ -134,13 +134,15 @@ def test_the_fit_bench_judges_on_tokens_held_out_from_the_sensitivity_pass():
     assert "held out" in held_out.source
 
 
-def test_forks_in_several_passes_measure_what_one_pass_does():
+# mlx-lm's DeepSeek-V4 (deepseek-v4-tiny) keeps a window cache and state shared between layers within one forward.
+@pytest.mark.parametrize("name", ["qwen3-moe-fp8-tiny", "deepseek-v4-tiny"])
+def test_forks_in_several_passes_measure_what_one_pass_does(name):
     """The forked copies run in passes of bounded logits memory; cut into one fork a pass, the table is the same."""
     from fmtconv.convert.fit import sensitivity as sens
     from fmtconv.convert.fit.candidates import KEEP, REFERENCE, units_of
     from fmtconv.convert.plan import build_plan
 
-    fixture = FIXTURES / "qwen3-moe-fp8-tiny"
+    fixture = FIXTURES / name
     tokens = eval_tokens(fixture, [fixture], n_tokens=64, seq_len=32)
     settings = {"compute_dtype": None, "kernel_backend": "cpu", "rounding": "mlx-lm"}
     keep_plan = build_plan(fixture, recipe_from_dict({"name": "keep", "rules": [{"mode": "keep"}]}), **settings)

@@ -200,7 +200,7 @@ def applied(root: Any, rel_paths: list[str], parts: list[dict[str, np.ndarray]],
 
 class _Copies:
     """A batch replicated `n` times: copy 0 is the teacher, copy k the fork k.  Slices a layer call's batch-major
-    arguments (dimension 0 = n x rows, positions next) to chosen copies, and joins outputs back."""
+    arguments (dimension 0 = n x rows, positions next) to chosen copies."""
 
     def __init__(self, n: int, rows: int, positions: int):
         self.n, self.rows, self.positions = n, rows, positions
@@ -223,10 +223,6 @@ class _Copies:
         if isinstance(value, dict) and not hasattr(value, "parameters"):
             return {k: self.take(v, copies) for k, v in value.items()}
         return value
-
-    def split(self, arrays: list[Any], k: int) -> list[list[Any]]:
-        """Outputs of a call on k copies, cut into k lists of per-copy outputs."""
-        return [[a[i * self.rows : (i + 1) * self.rows] for a in arrays] for i in range(k)]
 
 
 def _join(template: Any, arrays: list[Any]) -> Any:
@@ -297,18 +293,13 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
         def layer_hook(i: int, call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
             layer = path.layers[i]
             saved = teacher.load_layer(i)
-            started = [fork_of[f] for f in group if isinstance(f, int) and f < i] + (
-                [fork_of["embedding"]] if "embedding" in fork_of else [])
-            a0, k0 = copies.take((args, kwargs), [0])
-            spare = stream.detached((a0, k0))
-            out0 = call(*a0, **k0)
-            want_mx = stream.outputs(out0)
+            # The teacher's input, with copies of the caches and shared state as they are before the call below
+            # changes them (mlx-lm's DeepSeek-V4 layers append to a window cache and hand keys on to later layers).
+            spare = stream.detached(copies.take((args, kwargs), [0]))
+            out = call(*args, **kwargs)  # every copy at the teacher's weights, on its own input
+            outs = stream.outputs(out)
+            want_mx = [o[:rows] for o in outs]
             want = _numpy(want_mx)
-            per_copy: dict[int, list[Any]] = {0: want_mx}
-            if started:  # forks already off the teacher's path run on their own inputs
-                a, k = copies.take((args, kwargs), started)
-                for c, outs in zip(started, copies.split(stream.outputs(call(*a, **k)), len(started))):
-                    per_copy[c] = outs
             for u in by_layer.get(i, []) if first else []:
                 for c in candidates[u.key]:
                     with applied(layer, rel[u.key], [enc.arrays(t, c) for t in u.tensors], c):
@@ -321,13 +312,13 @@ def measure(source: Path, keep_plan: Plan, units: list[Unit], candidates: dict[s
                     fork_out = stream.outputs(call(*a, **k))
                     mx.eval(fork_out)
                 fork_d[i] = sum(masked_sq_sum(g - w, mask) for g, w in zip(_numpy(fork_out), want))
-                per_copy[fork_of[i]] = fork_out
-            outs = [mx.concatenate([per_copy.get(c, want_mx)[j] for c in range(copies.n)]) for j in range(len(want_mx))]
+                c = fork_of[i]
+                outs = [mx.concatenate([o[: c * rows], f, o[(c + 1) * rows :]]) for o, f in zip(outs, fork_out)]
             mx.eval(outs)
             teacher.release_layer(i, saved)
             if progress:
                 progress(label, i + 1, n_layers)
-            return _join(out0, outs)
+            return _join(out, outs)
 
         def side_hook(u: Unit | None, module_path: str, kind: str):
             def hook(call: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
