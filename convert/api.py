@@ -259,6 +259,20 @@ def eval_tokens(
                        tokenizer_dirs=[Path(d) for d in tokenizer_dirs], vocab_size=vocab, n_tokens=n_tokens, seq_len=seq_len)
 
 
+def calibration_and_held_out(src: str | Path, n_tokens: int = 512, seq_len: int = 512):
+    """The first n_tokens of the source's calibration stream (what --fit measures on) and the n_tokens after them (what
+    the bundle is evaluated on, so that a fit is not judged on the data it was allocated from); the same tokens for
+    both, and the report says so, where the stream is not twice as long."""
+    from fmtconv.convert.check.eval.tokens import TokenBatch
+
+    calibration = eval_tokens(src, [src], n_tokens=n_tokens, seq_len=seq_len)
+    longer = eval_tokens(src, [src], n_tokens=2 * n_tokens, seq_len=seq_len)
+    rest = longer.sequences[len(calibration.sequences):]
+    if sum(map(len, rest)) < n_tokens or longer.sequences[: len(calibration.sequences)] != calibration.sequences:
+        return calibration, TokenBatch(calibration.sequences, calibration.source + "; not held out: the stream is too short")
+    return calibration, TokenBatch(rest, longer.source + f"; held out: the {n_tokens} tokens after the fit's calibration tokens")
+
+
 def evaluate(
     out: str | Path,
     src: str | Path,

@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fmtconv import __version__
 from fmtconv.convert.runtimes import RUNTIMES
@@ -81,7 +82,7 @@ def _resolve_src(args: argparse.Namespace) -> None:
         args.src = str(resolve_source(args.src, revision=args.revision, cache_dir=args.cache_dir))
 
 
-def _plan_options(args: argparse.Namespace) -> dict:
+def _plan_options(args: argparse.Namespace, fit_tokens: Any = None) -> dict:
     """The plan's keyword arguments from the command line (the fit's tokens checked here, before anything is written)."""
     opts = {"compute_dtype": args.dtype, "kernel_backend": args.kernel_backend, "rounding": args.rounding, "family": args.family,
             "max_shard_bytes": args.max_shard_size, "runtime": args.runtime, "encoder": args.encoder, "mtp": args.mtp,
@@ -90,8 +91,8 @@ def _plan_options(args: argparse.Namespace) -> dict:
         from fmtconv.convert.api import eval_tokens
 
         opts.update(fit=args.fit, target_bpw=args.target_bpw, fit_cache=args.fit_cache,
-                    fit_tokens=eval_tokens(args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens,
-                                           seq_len=args.seq_len))
+                    fit_tokens=fit_tokens if fit_tokens is not None else eval_tokens(
+                        args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens, seq_len=args.seq_len))
         if not getattr(args, "quiet", False) and not args.json and sys.stderr.isatty():
             opts["fit_progress"] = lambda stage, done, total: print(f"\rmeasuring sensitivities: {stage} layer {done}/{total}",
                                                                      end="" if done < total else "\n", file=sys.stderr)
@@ -174,13 +175,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         p = _plan_from_args(args)
         if not any(t.source_codec == codec for t in p.tensors):
             raise FmtconvError(f"no {codec} tensors found; use `fmtconv convert --recipe` for this checkpoint", file=args.src)
-    batch = None
+    batch = fit_batch = None
     if args.eval:  # bad token input is refused before anything is written
-        from fmtconv.convert.api import eval_tokens
+        from fmtconv.convert.api import calibration_and_held_out, eval_tokens
 
-        batch = eval_tokens(args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens, seq_len=args.seq_len)
+        if _fits(args) and not (args.tokens or args.text):  # judged on tokens the fit did not measure on
+            fit_batch, batch = calibration_and_held_out(args.src, args.n_tokens, args.seq_len)
+        else:
+            batch = eval_tokens(args.src, [args.src], tokens=args.tokens, text=args.text, n_tokens=args.n_tokens,
+                                seq_len=args.seq_len)
     result = convert(args.src, args.out, recipe=recipe, overwrite=args.overwrite, quiet=args.quiet or args.json,
-                     workers=args.workers, model_card=not args.keep_source_card, mtp_out=args.mtp_out, **_plan_options(args))
+                     workers=args.workers, model_card=not args.keep_source_card, mtp_out=args.mtp_out,
+                     **_plan_options(args, fit_batch))
     if not args.json and not args.quiet:
         console = _console()
         console.print(f"wrote {result['output']}: {result['tensors']} tensors in {result['shards']} shard(s), "

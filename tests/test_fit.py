@@ -127,7 +127,7 @@ def test_group_size_applies_to_every_preset(preset):
 
 
 def test_the_fit_bench_judges_on_tokens_held_out_from_the_sensitivity_pass():
-    from fmtconv.convert.bench.fit import calibration_and_held_out
+    from fmtconv.convert.api import calibration_and_held_out
 
     calibration, held_out = calibration_and_held_out(FIXTURES / "qwen3-moe-fp8-tiny", 128, 64)
     assert calibration.count == held_out.count == 128 and calibration.sequences != held_out.sequences
@@ -173,3 +173,13 @@ def test_the_drafter_counts_in_the_budget_and_the_written_recipe_reproduces_both
     again = plan(fixture, load_recipe(tmp_path / "fit.toml"), mtp=True, kernel_backend="cpu")
     targets = lambda q: [(t.target.name, t.mode, t.bits, t.group_size) for t in q.tensors]  # noqa: E731
     assert targets(again) == targets(p) and targets(again.drafter) == targets(p.drafter)
+
+
+def test_convert_fit_eval_judges_the_bundle_on_tokens_the_fit_did_not_measure(cache, tmp_path):
+    fixture = FIXTURES / "qwen3-moe-fp8-tiny"
+    out = tmp_path / "out"
+    run = _cli("convert", fixture, out, "--fit", plan(fixture, "q4q8").total_bytes, "--fit-cache", cache, "--eval",
+               "--n-tokens", "64", "--seq-len", "32", "--kernel-backend", "cpu", "--json", "--quiet")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)["eval"]
+    assert report["tokens"] == 64 and "held out: the 64 tokens after the fit's calibration tokens" in report["tokens_source"]

@@ -14,8 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from fmtconv.convert.api import convert, eval_tokens, evaluate, plan
-from fmtconv.convert.check.eval.tokens import TokenBatch
+from fmtconv.convert.api import calibration_and_held_out, convert, evaluate, plan
 
 PRESETS = ("q4q8", "mixed_3_6", "mixed_2_6")
 TARGET_RATIO = 0.8  # geometric mean of kl_mean(fit) / kl_mean(P) at most this, and every ratio at most 1
@@ -45,17 +44,6 @@ def run_fit_bench(sources: Iterable[str | Path], presets: Iterable[str] = PRESET
     return {"rows": rows, "geomean_ratio": geo, "worst_ratio": max(ratios, default=math.nan), "tokens": n_tokens,
             "targets": {"every ratio <= 1": all(r <= 1 for r in ratios), f"geomean <= {TARGET_RATIO}": geo <= TARGET_RATIO,
                         "every fit within its budget": all(r["fit_bytes"] <= r["budget_bytes"] for r in rows)}}
-
-
-def calibration_and_held_out(src: Path, n_tokens: int, seq_len: int) -> tuple[TokenBatch, TokenBatch]:
-    """The first n_tokens of the source's calibration stream (what --fit measures on) and the n_tokens after them (what
-    both bundles are evaluated on); the same tokens for both where the stream is not twice as long."""
-    calibration = eval_tokens(src, [src], n_tokens=n_tokens, seq_len=seq_len)
-    longer = eval_tokens(src, [src], n_tokens=2 * n_tokens, seq_len=seq_len)
-    rest = longer.sequences[len(calibration.sequences):]
-    if sum(map(len, rest)) < n_tokens or longer.sequences[:len(calibration.sequences)] != calibration.sequences:
-        return calibration, TokenBatch(calibration.sequences, calibration.source + "; not held out: the stream is too short")
-    return calibration, TokenBatch(rest, longer.source + f"; held out: the {n_tokens} tokens after the calibration tokens")
 
 
 def print_fit_bench(report: dict[str, Any], as_json: bool) -> None:
