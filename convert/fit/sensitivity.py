@@ -11,7 +11,7 @@ layer's units at a reference candidate, and its final KL against the teacher, ov
 then costs gain x D in nats (KL is quadratic in small logit changes, so it grows with D); the head is measured in KL
 directly.  The forks are extra rows of the same batch, so one layer's weights are resident at a time, as in
 `fmtconv eval`; the copies' activations and logits grow with the number of forks, so the forks run in passes of at
-most FORK_BYTES of logits (a deep model with a large vocabulary decodes its layers once more per pass, its memory
+most FORKS_PER_PASS forks and FORK_BYTES of logits (a deep model decodes its layers once more per pass; its memory
 does not grow with its depth).  A final pass with every unit at the reference compares the additive prediction with
 the measured KL.
 """
@@ -235,13 +235,16 @@ def _join(template: Any, arrays: list[Any]) -> Any:
     return type(template)(next(it) if isinstance(x, mx.array) else x for x in template)
 
 
-FORK_BYTES = 1 << 30  # the float32 logits of one pass's copies, at most about this: more forks run in more passes
+# One pass's forks: their copies' float32 logits at most about FORK_BYTES, and at most FORKS_PER_PASS of them (each
+# copy also holds its activations); more forks run in more passes, each decoding the teacher's layers once more.
+FORK_BYTES = 1 << 30
+FORKS_PER_PASS = 8
 
 
 def fork_passes(forks: list[int | str], copy_bytes: int, budget: int = FORK_BYTES) -> list[list[int | str]]:
     """The forks cut into passes whose copies (each pass also carries the teacher's) hold at most `budget` bytes of
-    logits, at least one fork a pass: the pass's memory does not grow with the model's depth."""
-    k = max(1, budget // max(copy_bytes, 1) - 1)
+    logits and number at most FORKS_PER_PASS, at least one fork a pass: a pass's memory does not grow with the depth."""
+    k = min(FORKS_PER_PASS, max(1, budget // max(copy_bytes, 1) - 1))
     return [forks[a : a + k] for a in range(0, len(forks), k)] or [[]]
 
 
