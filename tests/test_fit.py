@@ -163,7 +163,7 @@ def test_forks_in_several_passes_measure_what_one_pass_does(name):
 
 def test_the_drafter_counts_in_the_budget_and_the_written_recipe_reproduces_both(cache, tmp_path):
     fixture = FIXTURES / "deepseek-v4-flash-tiny"
-    tokens = eval_tokens(fixture, [fixture], n_tokens=64, seq_len=64)
+    tokens = eval_tokens(fixture, [fixture], n_tokens=128, seq_len=64)  # the end-to-end test's: its cached sensitivities
     preset = plan(fixture, "mixed_3_6", mtp=True, kernel_backend="cpu")
     budget = preset.bytes_with_drafter
     p = plan(fixture, fit=budget, mtp=True, fit_tokens=tokens, fit_cache=cache, kernel_backend="cpu")
