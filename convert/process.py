@@ -1,4 +1,4 @@
-"""This process's own figures: its peak resident set size."""
+"""This process's own figures (its peak resident set size), and how it starts a Python child."""
 
 from __future__ import annotations
 
@@ -18,3 +18,10 @@ def peak_rss_bytes() -> int | None:
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024) if peak else None  # bytes on macOS, KiB on Linux
+
+
+def python_child(*args: str) -> list[str]:
+    """The command line of a child Python running `args`, without the working directory first on its sys.path (-P,
+    Python 3.11+): run from a clone of this repository, it would make the code folders importable as bare names, and
+    transformers takes `kernels/` for Hugging Face's `kernels` package."""
+    return [sys.executable, *(["-P"] if sys.version_info >= (3, 11) else []), *args]

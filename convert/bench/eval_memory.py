@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fmtconv.convert.bench.data import DEFAULT_DIR, generate_v3_checkpoint
+from fmtconv.convert.process import python_child
 
 # Width of the synthetic layers: one decoder layer decodes to ~100 MB of float32 teacher weights (mlx[cpu]'s reference
 # BLAS on Linux takes seconds per matmul at larger widths, so the layers are narrow and many experts wide).
@@ -48,7 +49,7 @@ def _child(bundle: Path, source: Path, n_tokens: int, mode: str) -> dict[str, An
             kl = run(Path({str(bundle)!r}), Path({str(source)!r}), batch).metrics["kl_mean"]
         print(json.dumps({{"peak_rss_mb": round(peak_rss_bytes() / 2**20, 1), "kl_mean": kl, "seconds": time.perf_counter() - t0}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    proc = subprocess.run(python_child("-c", code), capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"eval child failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

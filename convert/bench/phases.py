@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from fmtconv.convert.process import python_child
+
 _COPY_CHUNK = 1 << 24
 
 
@@ -42,7 +44,7 @@ def phase_fmtconv(src: Path, out: Path, *, args: list[str]) -> dict[str, Any]:
     import resource
 
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "fmtconv.convert.cli", *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run(python_child("-m", "fmtconv.convert.cli", *args), stdout=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode:
         raise RuntimeError(f"fmtconv {' '.join(args)} exited with {proc.returncode}")
@@ -197,8 +199,8 @@ def run_phase_in_child(phase: str, kwargs: dict[str, Any], *, cores: int | None 
     its result plus `peak_rss_bytes` (that child's own peak)."""
     with tempfile.TemporaryDirectory(prefix="fmtconv-bench-") as d:
         result_path = Path(d) / "result.json"
-        cmd = [sys.executable, "-m", "fmtconv.convert.bench.phases", "--phase", phase, "--phase-args", json.dumps(kwargs),
-               "--result", str(result_path)]
+        cmd = python_child("-m", "fmtconv.convert.bench.phases", "--phase", phase, "--phase-args", json.dumps(kwargs),
+                           "--result", str(result_path))
         if cores:
             cmd += ["--cores", str(cores)]
         # The child's stdout goes to our stderr: mlx_lm.convert prints progress, and `--json` owns stdout.
