@@ -68,8 +68,8 @@ def iter_jobs(pt: PlannedTensor, block: int | None = None) -> Iterator[Job]:
 
 def kernel_key(plan: Plan, pt: PlannedTensor) -> str | None:
     """The compiled kernel (an fmtconv.kernels key) the tensor's jobs call: TensorEncoder._encode takes the table routes
-    (MXFP4, FP8 codes) by it, and warm-up compiles by it; None for the routes that run kernels_ref (NumPy) only.  A job that falls back to another route (bad values, an
-    unusual layout) compiles that kernel when it first runs."""
+    (MXFP4, FP8 codes) by it, and warm-up compiles by it; None for the routes that run kernels_ref (NumPy) only.  A
+    job that falls back to another route (bad values, an unusual layout) compiles that kernel when it first runs."""
     from fmtconv import kernels
 
     if pt.route != REQUANT or pt.mode != "affine" or pt.encoder == "mse":
@@ -95,7 +95,7 @@ def block_elements(plan: Plan, pt: PlannedTensor) -> int:
     element in memory: codes, output, scales), BLOCK_ELEMENTS where values are decoded to floats first."""
     from fmtconv import kernels
 
-    table = kernel_key(plan, pt) in (kernels.MXFP4, kernels.FP8_E8M0, kernels.FP8_FLOAT)
+    table = kernel_key(plan, pt) in kernels.TABLE_ROUTES
     return TABLE_BLOCK_ELEMENTS if table and kernels.compiled() else BLOCK_ELEMENTS
 
 
@@ -203,7 +203,7 @@ class TensorEncoder:
             return self._affine_mse(pt, parts, job)
         dtype = np.dtype(COMPUTE_DTYPES[pt.dtype])
         key = kernel_key(self.plan, pt)  # the one place that says which table route a tensor takes
-        if key in (kernels.FP8_E8M0, kernels.FP8_FLOAT, kernels.MXFP4):
+        if key in kernels.TABLE_ROUTES:
             fast = (self._affine_from_mxfp4 if key == kernels.MXFP4 else self._affine_from_fp8)(pt, parts, job, dtype)
             if fast is not None:
                 return fast

@@ -54,14 +54,8 @@ class Runtime:
         return str(config.get("model_type"))
 
     def model_module(self, config: dict[str, Any]) -> str:
-        """The module that holds the model class; mlx-vlm also looks among its speculative drafters
-        (mlx_vlm.utils.get_model_and_args: `models.X`, then `speculative.drafters.X`)."""
-        model_type = self.model_type(config)
-        if self.package == "mlx_vlm" and self.installed():
-            for pkg in _VLM_MODEL_PACKAGES:
-                if _found(f"mlx_vlm.{pkg}.{model_type}"):  # an mlx-vlm without that package: not a traceback
-                    return f"mlx_vlm.{pkg}.{model_type}"
-        return f"{self.package}.models.{model_type}"
+        """The module that holds the model class."""
+        return f"{self.package}.models.{self.model_type(config)}"
 
     def has_model(self, config: dict[str, Any]) -> bool:
         """Whether this runtime is installed and has a model module for the config's model_type."""
@@ -130,6 +124,15 @@ class MlxVlm(Runtime):
         from mlx_vlm.utils import get_model_type
 
         return get_model_type(dict(config)) or model_type
+
+    def model_module(self, config: dict[str, Any]) -> str:
+        """mlx_vlm.utils.get_model_and_args: `models.X`, then its speculative drafters, `speculative.drafters.X`."""
+        model_type = self.model_type(config)
+        if self.installed():
+            for pkg in _VLM_MODEL_PACKAGES:
+                if _found(f"mlx_vlm.{pkg}.{model_type}"):  # an mlx-vlm without that package: not a traceback
+                    return f"mlx_vlm.{pkg}.{model_type}"
+        return super().model_module(config)
 
     def _load_model(self, bundle: Path) -> Any:
         from mlx_vlm.utils import load_model

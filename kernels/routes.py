@@ -95,6 +95,7 @@ MXFP4 = "mxfp4"  # MXFP4 codes -> affine (one specialization for every compute d
 FP8_E8M0 = "fp8_e8m0"  # FP8 x E8M0 block scales -> affine
 FP8_FLOAT = "fp8_float"  # FP8 x float block scales (mlx-lm rounding) -> affine
 PACK = "pack"  # uint32 packing of codes
+TABLE_ROUTES = (MXFP4, FP8_E8M0, FP8_FLOAT)  # the kernels that read codes, not decoded floats
 
 
 def dense(dtype: np.dtype | str) -> str:
